@@ -1,0 +1,151 @@
+"""The backbone registry: each entry carries its native input size, preprocessing and ImageNet weight file.
+
+Nothing downstream repeats these facts (the timm `_registry` habit): the data pipeline asks the entry for
+its preprocessing, the CLI for its default input size, the weight loader for its file name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import keras
+
+
+class WeightsError(RuntimeError):
+    """ImageNet or file weights could not be had for a backbone; the message says how to get them."""
+
+
+def keras_cache_dir() -> Path:
+    """The folder where keras.utils.get_file keeps downloads: $KERAS_HOME/models or ~/.keras/models."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One registry entry. `build` returns the feature extractor (no top, no pooling)."""
+
+    name: str
+    constructor: Callable[..., keras.Model] = field(repr=False)
+    input_size: int = 299
+    preprocessing: str = "inception"
+    min_input_size: int = 75
+    weights_file: str | None = None  # ImageNet no-top weights, as named in the Keras cache
+    weights_url: str | None = None  # where keras.applications downloads them from (None: no public Keras file)
+
+    def to_config(self) -> dict:
+        """The facts a RUN_DIR records so prediction needs nothing else."""
+        return {
+            "name": self.name,
+            "input_size": self.input_size,
+            "preprocessing": self.preprocessing,
+            "min_input_size": self.min_input_size,
+        }
+
+    def build(self, input_size: int | None = None, weights: str | None = "imagenet") -> keras.Model:
+        """Build the backbone for square `input_size` images; weights: "imagenet", None/"none", or a file path."""
+        size = input_size or self.input_size
+        if size < self.min_input_size:
+            raise ValueError(f"{self.name}: input size {size} is below its minimum of {self.min_input_size} px")
+        if weights in (None, "none"):
+            return self.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+        if weights == "imagenet":
+            return self.constructor(include_top=False, weights=self.imagenet_weights_path(), input_shape=(size, size, 3))
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"{self.name}: weights file {path} does not exist")
+        model = self.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+        load_weights_file(model, path, self.name)
+        return model
+
+    def imagenet_weights_path(self) -> str:
+        """Local path of the ImageNet no-top weights: from the Keras cache, else downloaded; fails clearly offline."""
+        if self.weights_file is None:
+            raise WeightsError(f"{self.name}: no ImageNet weights are registered; use --weights PATH or --weights none")
+        cached = keras_cache_dir() / self.weights_file
+        if cached.is_file():
+            return str(cached)
+        if self.weights_url is None:
+            raise WeightsError(
+                f"{self.name}: ImageNet weights {self.weights_file} are not in the Keras cache ({cached.parent}) "
+                f"and have no download address; see the README on converting them, or use --weights PATH or --weights none"
+            )
+        try:
+            return keras.utils.get_file(self.weights_file, self.weights_url, cache_subdir="models")
+        except Exception as err:  # network errors come as many types (URLError, OSError, HTTPError, ...)
+            raise WeightsError(
+                f"{self.name}: could not download ImageNet weights {self.weights_file} from {self.weights_url} "
+                f"({type(err).__name__}: {err}). Put that file in {cached.parent} (the Keras cache), "
+                f"or use --weights PATH (a weights file for this backbone) or --weights none"
+            ) from err
+
+
+def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
+    """Load a Keras weights file into `model`, turning a layout mismatch into a message naming file and backbone."""
+    try:
+        model.load_weights(str(path))
+    except Exception as err:
+        raise WeightsError(
+            f"{name}: {path} does not fit this backbone ({type(err).__name__}: {err}); "
+            f"is it the no-top weights file for {name} with 3 input channels?"
+        ) from err
+
+
+def _inception_v4(**kwargs) -> keras.Model:
+    from train.inception_v4 import InceptionV4  # local import: keeps registry import light
+
+    return InceptionV4(**kwargs)
+
+
+_KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in [
+        Backbone(
+            "inception_resnet_v2",
+            keras.applications.InceptionResNetV2,
+            weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_url=_KERAS_WEIGHTS
+            + "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "xception",
+            keras.applications.Xception,
+            weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_url=_KERAS_WEIGHTS + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "inception_v4",
+            _inception_v4,
+            weights_file="inception_v4_tf_in1k_notop.weights.h5",
+            weights_url=None,  # converted from timm's checkpoint (issue 6); see README
+        ),
+        Backbone(
+            "inception_v3",
+            keras.applications.InceptionV3,
+            weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_url=_KERAS_WEIGHTS + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "resnet50",
+            keras.applications.ResNet50,
+            input_size=224,
+            preprocessing="caffe",
+            min_input_size=32,
+            weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_url=_KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+    ]
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """The registry entry for `name`; a clear error lists the known names."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}") from None
