@@ -7,6 +7,7 @@ its preprocessing, the CLI for its default input size, the weight loader for its
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -50,15 +51,19 @@ class Backbone:
         size = input_size or self.input_size
         if size < self.min_input_size:
             raise ValueError(f"{self.name}: input size {size} is below its minimum of {self.min_input_size} px")
-        if weights in (None, "none"):
-            return self.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+        # Resolve the weights file before building, so a missing file or an offline download fails at once.
+        path: Path | None = None
         if weights == "imagenet":
-            return self.constructor(include_top=False, weights=self.imagenet_weights_path(), input_shape=(size, size, 3))
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsError(f"{self.name}: weights file {path} does not exist")
+            path = Path(self.imagenet_weights_path())
+        elif weights not in (None, "none"):
+            path = Path(weights)
+            if not path.is_file():
+                raise WeightsError(f"{self.name}: weights file {path} does not exist")
         model = self.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
-        load_weights_file(model, path, self.name)
+        if path is not None:
+            # Loading after construction (keras.applications given a path makes the same load_weights call)
+            # gives every weights source, cached ImageNet files included, one clean error.
+            load_weights_file(model, path, self.name)
         return model
 
     def imagenet_weights_path(self) -> str:
@@ -74,7 +79,10 @@ class Backbone:
                 f"and have no download address; see the README on converting them, or use --weights PATH or --weights none"
             )
         try:
-            return keras.utils.get_file(self.weights_file, self.weights_url, cache_subdir="models")
+            # cache_dir made explicit: Keras reads KERAS_HOME once at import, we read it now, and both must agree.
+            return keras.utils.get_file(
+                self.weights_file, self.weights_url, cache_dir=str(cached.parent.parent), cache_subdir="models"
+            )
         except Exception as err:  # network errors come as many types (URLError, OSError, HTTPError, ...)
             raise WeightsError(
                 f"{self.name}: could not download ImageNet weights {self.weights_file} from {self.weights_url} "
@@ -84,14 +92,24 @@ class Backbone:
 
 
 def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
-    """Load a Keras weights file into `model`, turning a layout mismatch into a message naming file and backbone."""
-    try:
-        model.load_weights(str(path))
-    except Exception as err:
-        raise WeightsError(
-            f"{name}: {path} does not fit this backbone ({type(err).__name__}: {err}); "
-            f"is it the no-top weights file for {name} with 3 input channels?"
-        ) from err
+    """Load a Keras weights file into `model`, turning a layout mismatch into a message naming file and backbone.
+
+    Accepts Keras 3 `.weights.h5` files and the legacy `.h5` files keras.applications downloads.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        # A mismatching file makes Keras warn once per skipped container before it raises: hundreds of lines.
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(str(path))
+        except Exception as err:
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise WeightsError(
+                f"{name}: weights file {path} does not fit this backbone ({type(err).__name__}: {first_line}); "
+                f"it must be a no-top weights file for {name} with 3 input channels "
+                f"(use --weights PATH with the right file, or --weights none)"
+            ) from err
+    for w in caught:  # a load that worked keeps whatever Keras had to say
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _inception_v4(**kwargs) -> keras.Model:
