@@ -1,0 +1,563 @@
+"""The crawl stage: download a validated URL list concurrently into a resumable DATA_DIR.
+
+`crawl(CrawlConfig)` parses the list (nothing is downloaded unless the whole list is valid), writes list.csv and
+classes.txt, then runs worker threads that each verify-or-download one id at a time. Files are written under a
+temporary name and renamed, and the manifest is rewritten atomically every few seconds and at the end, so a crawl
+killed at any moment and started again ends with the same manifest as an uninterrupted one: files that are on
+disk but missing from the manifest are recognised by their name (derived from id and URL) and re-hashed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from crawl import manifest as mf
+from crawl.fetch import FetchConfig, Fetcher, FetchFailed, Interrupted
+from crawl.images import ImageRejected, configure_pil, process_image, verify_stored
+from crawl.listfile import ListError, ListItem, ParsedList, parse_list
+
+# The `reason` column of failed.csv. `http_<status>` stands for one reason per HTTP status (http_404, http_503...).
+# Retryable failures (connection, timeout, incomplete, 408, 429, 5xx) are reported with the reason of the last
+# attempt, once every retry has failed; the others are reported at once. The README copies this table.
+FAILURE_REASONS: dict[str, str] = {
+    "http_<status>": "the server answered with this HTTP status (4xx at once; 408, 429 and 5xx after the retries)",
+    "timeout": "no connection or no data within --timeout, or the attempt ran past --deadline",
+    "connection": "connection refused or reset, or the host name does not resolve",
+    "incomplete": "the body was shorter than its Content-Length (the connection closed early)",
+    "too_large": "Content-Length above --max-bytes (refused unread), or a body without length cut at --max-bytes",
+    "redirects": "more than 5 redirects (a redirect loop, for instance)",
+    "bad_scheme": "the URL, or a redirect, is not http/https (ftp://, file://, ...)",
+    "bad_url": "the URL cannot be parsed or has no host",
+    "empty": "the server answered with an empty body",
+    "not_image": "the bytes are not an image: an HTML page, text, or a format we do not read",
+    "corrupt": "the bytes start like an image but do not decode (or use a colour mode that cannot be converted)",
+    "truncated": "the image data stops early: a JPEG without its end marker, a cut PNG",
+    "too_many_pixels": "width x height read from the header is above --max-pixels (the image is never decoded)",
+    "interrupted": "the run was stopped (Ctrl-C) before this id was done; running the command again retries it",
+}
+
+LOCK_FILE = ".crawl.lock"
+_SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")  # no dots, no slashes: a slug can never be '..' or a hidden file
+
+
+@dataclass(frozen=True)
+class CrawlConfig:
+    """Settings of one crawl (the CLI flags of `python -m crawl`)."""
+
+    list_path: Path
+    out_dir: Path
+    classes_path: Path | None = None
+    workers: int = 32
+    timeout: float = 10.0
+    deadline: float | None = None  # None: three times `timeout`
+    retries: int = 3
+    max_bytes: int = 20_000_000
+    max_pixels: int = 50_000_000
+    max_side: int = 0  # 0 keeps the original size
+    backoff: float = 0.5  # first retry waits up to this many seconds (random), doubling each retry
+    progress: str = "auto"  # "auto" (bar on a terminal, lines otherwise), "bar", "lines" or "off" (also no summary)
+    progress_every: float = 5.0  # seconds between progress lines
+    checkpoint_every: float = 5.0  # seconds between manifest rewrites during the crawl
+
+    @property
+    def attempt_deadline(self) -> float:
+        return self.deadline if self.deadline is not None else 3.0 * self.timeout
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting out of range."""
+        checks = [
+            (self.workers >= 1, "--workers must be at least 1"),
+            (self.timeout > 0, "--timeout must be positive"),
+            (self.attempt_deadline > 0, "--deadline must be positive"),
+            (self.retries >= 0, "--retries must be 0 or more"),
+            (self.max_bytes >= 1, "--max-bytes must be positive"),
+            (self.max_pixels >= 1, "--max-pixels must be positive"),
+            (self.max_side >= 0, "--max-side must be 0 (keep) or positive"),
+            (self.checkpoint_every > 0, "--checkpoint-every must be positive"),
+            (self.progress in ("auto", "bar", "lines", "off"), "progress must be auto, bar, lines or off"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+class ConfigError(ValueError):
+    """A setting is out of range (exit status 2 from the CLI)."""
+
+
+class CrawlBusy(RuntimeError):
+    """Another crawl holds OUT_DIR's lock."""
+
+
+class CrawlInterrupted(Exception):
+    """Ctrl-C: what was stored is recorded in OUT_DIR; `summary` is the crawl.json that was written."""
+
+    def __init__(self, summary: dict):
+        super().__init__("crawl interrupted")
+        self.summary = summary
+
+
+def safe_stem(item_id: str, url: str) -> str:
+    """File name stem for an id: a readable slug plus a hash of the exact (id, url), so no escape, no collision.
+
+    The URL is part of the hash so that a list whose URL for an id changed does not reuse the old file.
+    """
+    digest = hashlib.sha256(json.dumps([item_id, url]).encode("utf-8")).hexdigest()[:20]
+    slug = _SLUG_RE.sub("_", item_id).strip("_")[:48]
+    return f"{slug}-{digest}" if slug else digest
+
+
+@dataclass(frozen=True)
+class _Stored:
+    item: ListItem
+    path: str  # relative to OUT_DIR, posix
+    sha256: str
+    width: int
+    height: int
+    size: int
+    resumed: bool
+    converted: bool
+
+
+@dataclass(frozen=True)
+class _Failed:
+    item: ListItem
+    reason: str
+    detail: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class _Crash:
+    item: ListItem
+    error: BaseException
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else one line every few seconds on stderr."""
+
+    def __init__(self, total: int, mode: str, every: float):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.total, self.every = mode, total, every
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+
+    def update(self, done: int, stored: int, failed: int, nbytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(f"stored {stored} failed {failed} {nbytes / 1e6:.1f} MB", refresh=False)
+            return
+        now = time.monotonic()
+        if self.mode != "lines" or now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
+        print(
+            f"crawl: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) stored {stored} failed {failed}, "
+            f"{rate:.1f} img/s, {nbytes / 1e6:.1f} MB, ETA {eta_text}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Crawl:
+    """One run over one DATA_DIR; `run()` returns the summary written to crawl.json."""
+
+    def __init__(self, config: CrawlConfig, parsed: ParsedList):
+        self.config = config
+        self.parsed = parsed
+        self.out_dir = Path(config.out_dir)
+        self.images_dir = self.out_dir / mf.IMAGES_DIR
+        self.stems = {item.id: safe_stem(item.id, item.url) for item in parsed.items}
+        self.results: dict[str, _Stored | _Failed] = {}
+        self.stop = threading.Event()
+        self.previous = self._read_previous_manifest()
+        # One listing instead of two failed opens per id when checking for files of an earlier run.
+        self.on_disk = set(os.listdir(self.images_dir)) if self.images_dir.is_dir() else set()
+        self.trust_files = self._previous_settings_match()
+        self.started_wall = datetime.now(timezone.utc)
+        self.started = time.monotonic()
+        self.fetcher = Fetcher(
+            FetchConfig(
+                timeout=config.timeout,
+                deadline=config.attempt_deadline,
+                retries=config.retries,
+                max_bytes=config.max_bytes,
+                backoff=config.backoff,
+            ),
+            pool_size=config.workers,
+            stop=self.stop,
+        )
+
+    # -- state from an earlier run -------------------------------------------------------------------------------
+
+    def _read_previous_manifest(self) -> dict[str, dict[str, str]]:
+        path = self.out_dir / mf.MANIFEST_FILE
+        if not path.exists():
+            return {}
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except Exception:  # an unreadable old manifest only means we re-hash the files
+            return {}
+        if not set(mf.MANIFEST_COLUMNS) <= set(frame.columns):
+            return {}
+        return {row["id"]: row for row in frame[mf.MANIFEST_COLUMNS].to_dict("records")}
+
+    def _previous_settings_match(self) -> bool:
+        """Stored files are reused only if they were made with the same --max-side."""
+        path = self.out_dir / mf.SUMMARY_FILE
+        if not path.exists():
+            return True
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+        except (OSError, ValueError, AttributeError):
+            return True
+        return int(settings.get("max_side", self.config.max_side)) == self.config.max_side
+
+    # -- per item (worker threads) -------------------------------------------------------------------------------
+
+    def _stored_already(self, item: ListItem) -> _Stored | None:
+        """A file from an earlier run for this id and URL, if it is on disk and checks out."""
+        if not self.trust_files:
+            return None
+        stem = self.stems[item.id]
+        previous = self.previous.get(item.id)
+        candidates = [f"{mf.IMAGES_DIR}/{stem}{ext}" for ext in (".jpg", ".png")]
+        if previous is not None and previous["path"] in candidates:
+            candidates.remove(previous["path"])
+            candidates.insert(0, previous["path"])
+        for rel in candidates:
+            if rel.rsplit("/", 1)[-1] not in self.on_disk:
+                continue
+            path = self.out_dir / rel
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            if previous is not None and previous["path"] == rel:
+                if previous["sha256"] != sha:
+                    continue  # damaged since it was recorded: download again
+                width, height = int(previous["width"]), int(previous["height"])
+            else:
+                # On disk but not in the manifest: a crash came between the rename and the manifest write.
+                # Renamed files are complete; still, check that it decodes before trusting it.
+                try:
+                    width, height = verify_stored(data)
+                except ImageRejected:
+                    continue
+            cfg = self.config
+            if width * height > cfg.max_pixels or (cfg.max_side and max(width, height) > cfg.max_side):
+                continue  # stored under other limits: download again
+            return _Stored(item, rel, sha, width, height, len(data), resumed=True, converted=False)
+        return None
+
+    def _process(self, item: ListItem) -> _Stored | _Failed:
+        done = self._stored_already(item)
+        if done is not None:
+            return done
+        try:
+            download = self.fetcher.get(item.url)
+        except FetchFailed as failure:
+            return _Failed(item, failure.reason, failure.detail, failure.attempts)
+        cfg = self.config
+        try:
+            image = process_image(
+                download.data, max_pixels=cfg.max_pixels, max_side=cfg.max_side, content_type=download.content_type
+            )
+        except ImageRejected as rejected:
+            return _Failed(item, rejected.reason, rejected.detail, download.attempts)
+        stem = self.stems[item.id]
+        rel = f"{mf.IMAGES_DIR}/{stem}{image.extension}"
+        final = self.out_dir / rel
+        tmp = self.images_dir / f".{stem}.{os.getpid()}-{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(image.data)
+        os.replace(tmp, final)  # the file appears complete or not at all
+        other = final.with_suffix(".png" if image.extension == ".jpg" else ".jpg")
+        if other.name in self.on_disk:
+            other.unlink(missing_ok=True)  # a stale copy from a run where the server sent another format
+        return _Stored(
+            item,
+            rel,
+            hashlib.sha256(image.data).hexdigest(),
+            image.width,
+            image.height,
+            len(image.data),
+            resumed=False,
+            converted=not image.unchanged,
+        )
+
+    def _worker(self, tasks: queue.Queue, results: queue.Queue) -> None:
+        while not self.stop.is_set():
+            try:
+                item = tasks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = self._process(item)
+            except Interrupted:
+                return
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread, which stops the crawl
+                results.put(_Crash(item, exc))
+                return
+            results.put(result)
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+
+    def _write_manifest(self) -> None:
+        classes = self.parsed.classes
+        rows = []
+        for item in self.parsed.items:
+            result = self.results.get(item.id)
+            if isinstance(result, _Stored):
+                rows.append(
+                    [item.id, result.path, item.url, result.sha256, result.width, result.height, *item.labels]
+                )
+        frame = pd.DataFrame(rows, columns=mf.MANIFEST_COLUMNS + classes)
+        mf.atomic_write_csv(self.out_dir / mf.MANIFEST_FILE, frame)
+
+    def _write_failed(self) -> None:
+        rows = []
+        for item in self.parsed.items:
+            result = self.results.get(item.id)
+            if isinstance(result, _Failed):
+                rows.append([item.id, item.url, result.reason, result.detail, result.attempts])
+            elif result is None:
+                rows.append([item.id, item.url, "interrupted", "the run stopped before this id was done", 0])
+        mf.atomic_write_csv(self.out_dir / mf.FAILED_FILE, pd.DataFrame(rows, columns=mf.FAILED_COLUMNS))
+
+    def _duplicates(self) -> list[list[str]]:
+        by_hash: dict[str, list[str]] = {}
+        for item in self.parsed.items:
+            result = self.results.get(item.id)
+            if isinstance(result, _Stored):
+                by_hash.setdefault(result.sha256, []).append(item.id)
+        return [ids for ids in by_hash.values() if len(ids) > 1]
+
+    def summary(self, status: str) -> dict:
+        stored = [r for r in self.results.values() if isinstance(r, _Stored)]
+        failed = Counter(r.reason for r in self.results.values() if isinstance(r, _Failed))
+        missing = len(self.parsed.items) - len(self.results)
+        if missing and status == "interrupted":
+            failed["interrupted"] += missing
+        downloaded = [r for r in stored if not r.resumed]
+        seconds = time.monotonic() - self.started
+        duplicates = self._duplicates()
+        cfg = self.config
+        return {
+            "status": status,
+            "list": str(cfg.list_path),
+            "format": self.parsed.format,
+            "classes": len(self.parsed.classes),
+            "items": len(self.parsed.items),
+            "stored": len(stored),
+            "downloaded": len(downloaded),
+            "already_stored": len(stored) - len(downloaded),
+            "converted": sum(r.converted for r in downloaded),
+            "failed": sum(failed.values()),
+            "failed_by_reason": dict(sorted(failed.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "bytes": sum(r.size for r in stored),
+            "downloaded_bytes": sum(r.size for r in downloaded),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(downloaded) / seconds, 2) if seconds > 0 else 0.0,
+            "duplicate_groups": len(duplicates),
+            "duplicates": duplicates,
+            "settings": {
+                "workers": cfg.workers,
+                "timeout": cfg.timeout,
+                "deadline": cfg.attempt_deadline,
+                "retries": cfg.retries,
+                "max_bytes": cfg.max_bytes,
+                "max_pixels": cfg.max_pixels,
+                "max_side": cfg.max_side,
+            },
+            "started": self.started_wall.isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds") if status != "running" else None,
+        }
+
+    def _checkpoint(self) -> None:
+        self._write_manifest()
+        mf.atomic_write_json(self.out_dir / mf.SUMMARY_FILE, self.summary("running"))
+
+    def _finish(self, status: str) -> dict:
+        self._write_manifest()
+        self._write_failed()
+        summary = self.summary(status)
+        mf.atomic_write_json(self.out_dir / mf.SUMMARY_FILE, summary)
+        return summary
+
+    # -- the run -------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.config
+        items = self.parsed.items
+        tasks: queue.Queue = queue.Queue()
+        for item in items:
+            tasks.put(item)
+        results: queue.Queue = queue.Queue()
+        progress = _Progress(len(items), cfg.progress, cfg.progress_every) if cfg.progress != "off" else None
+        # Daemon threads: on Ctrl-C in-flight downloads are abandoned, not waited for.
+        threads = [
+            threading.Thread(target=self._worker, args=(tasks, results), name=f"crawl-{k}", daemon=True)
+            for k in range(min(cfg.workers, max(1, len(items))))
+        ]
+        n_stored = n_failed = n_bytes = 0
+        last_checkpoint = time.monotonic()
+        try:
+            self._checkpoint()
+            for thread in threads:
+                thread.start()
+            while len(self.results) < len(items):
+                try:
+                    result = results.get(timeout=0.2)
+                except queue.Empty:
+                    result = None
+                if isinstance(result, _Crash):
+                    raise RuntimeError(f"crawl worker failed on id {result.item.id!r}: {result.error!r}") from (
+                        result.error
+                    )
+                if result is not None:
+                    self.results[result.item.id] = result
+                    if isinstance(result, _Stored):
+                        n_stored += 1
+                        n_bytes += result.size
+                    else:
+                        n_failed += 1
+                    if progress is not None:
+                        progress.update(len(self.results), n_stored, n_failed, n_bytes)
+                if time.monotonic() - last_checkpoint >= cfg.checkpoint_every:
+                    self._checkpoint()
+                    last_checkpoint = time.monotonic()
+        except KeyboardInterrupt:
+            self.fetcher.abort_all()
+            self._drain(results)
+            if progress is not None:
+                progress.close()
+                progress = None
+            summary = self._finish("interrupted")
+            self._print_summary(summary)
+            raise CrawlInterrupted(summary) from None
+        except BaseException:
+            self.fetcher.abort_all()
+            self._drain(results)
+            self._finish("failed")
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+            self.fetcher.close()
+        summary = self._finish("completed")
+        self._print_summary(summary)
+        return summary
+
+    def _drain(self, results: queue.Queue) -> None:
+        """Record results that finished while we were stopping."""
+        while True:
+            try:
+                result = results.get_nowait()
+            except queue.Empty:
+                return
+            if not isinstance(result, _Crash):
+                self.results[result.item.id] = result
+
+    def _print_summary(self, summary: dict) -> None:
+        if self.config.progress == "off":
+            return
+        print(format_summary(summary, self.out_dir), flush=True)
+
+
+def format_summary(summary: dict, out_dir: str | Path) -> str:
+    """The one-line final report: stored, failed by reason, MB, seconds, images per second."""
+    reasons = ", ".join(f"{reason} {count}" for reason, count in summary["failed_by_reason"].items())
+    text = (
+        f"crawl {summary['status']}: stored {summary['stored']} of {summary['items']} "
+        f"({summary['downloaded']} downloaded, {summary['already_stored']} already stored), "
+        f"failed {summary['failed']}{f' ({reasons})' if reasons else ''}, "
+        f"{summary['bytes'] / 1e6:.1f} MB, {summary['seconds']:.1f} s, {summary['images_per_second']:.1f} images/s"
+    )
+    if summary["duplicate_groups"]:
+        text += f", {summary['duplicate_groups']} group(s) of byte-identical images"
+    return f"{text} -> {out_dir}"
+
+
+def _prepare_out_dir(out_dir: Path, parsed: ParsedList) -> None:
+    images = out_dir / mf.IMAGES_DIR
+    images.mkdir(parents=True, exist_ok=True)
+    for leftover in images.glob(".*.tmp"):  # partial files of a killed run
+        leftover.unlink(missing_ok=True)
+    columns = ["id", "url"] + parsed.classes
+    rows = [[item.id, item.url, *item.labels] for item in parsed.items]
+    mf.atomic_write_csv(out_dir / mf.LIST_FILE, pd.DataFrame(rows, columns=columns))
+    if parsed.labelled:
+        mf.write_classes(out_dir, parsed.classes)
+    else:
+        (out_dir / mf.CLASSES_FILE).unlink(missing_ok=True)  # a labelled list crawled here before
+
+
+def crawl(config: CrawlConfig) -> dict:
+    """Run the crawl stage; return the crawl.json summary.
+
+    Raises ListError (bad list or classes file: nothing downloaded), ConfigError (bad setting), CrawlBusy (another
+    crawl runs on OUT_DIR) and CrawlInterrupted (Ctrl-C, after recording what was stored).
+    """
+    config.validate()
+    parsed = parse_list(config.list_path, config.classes_path)
+    stems: dict[str, str] = {}
+    for item in parsed.items:
+        stem = safe_stem(item.id, item.url)
+        if stem in stems:  # 80-bit hash: never expected, but never silently overwrite a file either
+            clash = f"id '{item.id}' maps to the same file as '{stems[stem]}'"
+            raise ListError([f"{config.list_path}:{item.line}: {clash}"])
+        stems[stem] = item.id
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(out_dir / LOCK_FILE, "w")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CrawlBusy(f"{out_dir}: another crawl is writing this directory") from None
+        configure_pil(config.max_pixels)
+        _prepare_out_dir(out_dir, parsed)
+        return _Crawl(config, parsed).run()
+    finally:
+        lock.close()
+
+
+__all__ = [
+    "FAILURE_REASONS",
+    "ConfigError",
+    "CrawlBusy",
+    "CrawlConfig",
+    "CrawlInterrupted",
+    "crawl",
+    "format_summary",
+    "safe_stem",
+]

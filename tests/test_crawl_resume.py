@@ -1,0 +1,211 @@
+"""Resume and crashes: re-runs finish the job without re-downloading, kill -9 and Ctrl-C lose nothing stored."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from crawl.crawler import LOCK_FILE, CrawlBusy, CrawlConfig, crawl
+from tests import crawl_samples as samples
+from tests.http_server import sequence, stall, static, status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_list(tmp_path: Path, server, n: int, latency: float = 0.0, extra: dict | None = None) -> Path:
+    """A JD list of n distinct JPEGs (ids img0..), plus extra id -> url rows; labels alternate."""
+    lines = []
+    for k in range(n):
+        url = server.route(f"/img/{k}.jpg", static(samples.jpeg(60, 40, seed=k), latency=latency))
+        lines.append(f"img{k},{url},{k % 2},{(k + 1) % 2}")
+    for item_id, url in (extra or {}).items():
+        lines.append(f"{item_id},{url},0,1")
+    path = tmp_path / "list.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def config(list_path: Path, out_dir: Path, **overrides) -> CrawlConfig:
+    settings = dict(workers=8, timeout=2.0, retries=0, progress="off")
+    settings.update(overrides)
+    return CrawlConfig(list_path=list_path, out_dir=out_dir, **settings)
+
+
+def assert_manifest_consistent(out_dir: Path) -> pd.DataFrame:
+    """Every manifest row names a complete file whose sha256 matches."""
+    manifest = pd.read_csv(out_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    for row in manifest.to_dict("records"):
+        path = out_dir / row["path"]
+        assert path.is_file(), row
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == row["sha256"], row
+    return manifest
+
+
+def test_rerun_downloads_nothing_and_writes_the_same_manifest(tmp_path, http_server):
+    list_path = make_list(tmp_path, http_server, 12)
+    out = tmp_path / "out"
+    first = crawl(config(list_path, out))
+    manifest = (out / "manifest.csv").read_bytes()
+    assert first["stored"] == first["downloaded"] == 12
+    second = crawl(config(list_path, out))
+    assert second["downloaded"] == 0 and second["already_stored"] == 12
+    assert all(http_server.hits(f"/img/{k}.jpg") == 1 for k in range(12))
+    assert (out / "manifest.csv").read_bytes() == manifest
+
+
+def test_rerun_retries_failures_and_replaces_damaged_or_missing_files(tmp_path, http_server):
+    later = http_server.route("/later.jpg", sequence(status(404), static(samples.jpeg(seed=99))))
+    list_path = make_list(tmp_path, http_server, 6, extra={"later": later})
+    out = tmp_path / "out"
+    crawl(config(list_path, out))
+    failed = pd.read_csv(out / "failed.csv", dtype=str)
+    assert list(failed["id"]) == ["later"] and failed["reason"][0] == "http_404"
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str).set_index("id")
+    damaged, missing = out / manifest.loc["img1", "path"], out / manifest.loc["img2", "path"]
+    damaged.write_bytes(damaged.read_bytes()[:-10] + b"0123456789")  # same size, different bytes
+    missing.unlink()
+    (out / "images" / ".leftover.123.tmp").write_bytes(b"partial")
+
+    summary = crawl(config(list_path, out))
+    assert summary["downloaded"] == 3 and summary["already_stored"] == 4 and summary["failed"] == 0
+    assert [http_server.hits(f"/img/{k}.jpg") for k in range(6)] == [1, 2, 2, 1, 1, 1]
+    assert http_server.hits("/later.jpg") == 2
+    final = assert_manifest_consistent(out).set_index("id")
+    assert list(final.index) == [f"img{k}" for k in range(6)] + ["later"]
+    assert final.loc["img1", "sha256"] == manifest.loc["img1", "sha256"]  # the damaged file was restored
+    assert pd.read_csv(out / "failed.csv").empty
+    assert not (out / "images" / ".leftover.123.tmp").exists()
+
+
+def test_files_missing_from_the_manifest_are_recognised_by_rehashing(tmp_path, http_server):
+    list_path = make_list(tmp_path, http_server, 8)
+    out = tmp_path / "out"
+    crawl(config(list_path, out))
+    manifest = (out / "manifest.csv").read_bytes()
+    (out / "manifest.csv").unlink()  # as if killed after the renames but before the manifest write
+    (out / "crawl.json").unlink()
+    summary = crawl(config(list_path, out))
+    assert summary["downloaded"] == 0 and summary["already_stored"] == 8
+    assert (out / "manifest.csv").read_bytes() == manifest
+
+
+def test_changing_max_side_downloads_again(tmp_path, http_server):
+    list_path = make_list(tmp_path, http_server, 3)
+    out = tmp_path / "out"
+    crawl(config(list_path, out))
+    summary = crawl(config(list_path, out, max_side=30))
+    assert summary["downloaded"] == 3
+    manifest = assert_manifest_consistent(out)
+    assert set(manifest["width"]) == {"30"} and set(manifest["height"]) == {"20"}
+
+
+def test_a_second_crawl_on_the_same_directory_is_refused(tmp_path, http_server):
+    list_path = make_list(tmp_path, http_server, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CrawlBusy, match="another crawl"):
+            crawl(config(list_path, out))
+
+
+def _start_crawl(list_path: Path, out_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "crawl", str(list_path), str(out_dir), "--workers", "4", "--timeout", "5",
+         "--retries", "0", *extra],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_files(out_dir: Path, count: int, process: subprocess.Popen, limit: float = 30.0) -> None:
+    images = out_dir / "images"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if images.is_dir() and len([p for p in images.iterdir() if not p.name.startswith(".")]) >= count:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    raise AssertionError(f"fewer than {count} files after {limit} s")
+
+
+def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, http_server):
+    n = 40
+    missing = http_server.route("/gone.jpg", status(404))
+    list_path = make_list(tmp_path, http_server, n, latency=0.1, extra={"gone": missing})
+    out = tmp_path / "out"
+    hits_when_on_disk: dict[str, int] = {}  # file name -> requests for it when a kill left it on disk
+    # Kill twice: once after the manifest was checkpointed with some rows, once during the resumed run.
+    for kill_after, checkpoint in ((6, "0.05"), (20, "5")):
+        process = _start_crawl(list_path, out, "--checkpoint-every", checkpoint)
+        _wait_for_files(out, kill_after, process)
+        if checkpoint == "0.05":
+            while len(pd.read_csv(out / "manifest.csv")) < 4:  # rows on record before the kill
+                time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        on_disk = {p.name for p in (out / "images").iterdir() if not p.name.startswith(".")}
+        hits = {k: http_server.hits(f"/img/{k}.jpg") for k in range(n)}
+        for k in range(n):
+            name = next((p for p in on_disk if p.startswith(f"img{k}-")), None)
+            if name is not None:
+                hits_when_on_disk.setdefault(name, hits[k])
+        if (out / "manifest.csv").exists():
+            assert_manifest_consistent(out)  # never a missing or partial file, whenever the kill came
+    process = _start_crawl(list_path, out)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr  # completed, even with a per-URL failure
+    assert "crawl completed: stored 40 of 41" in stdout
+    hits_after_resume = {k: http_server.hits(f"/img/{k}.jpg") for k in range(n)}
+
+    reference = tmp_path / "reference"
+    crawl(config(list_path, reference))
+    assert (out / "manifest.csv").read_bytes() == (reference / "manifest.csv").read_bytes()
+    assert (out / "failed.csv").read_bytes() == (reference / "failed.csv").read_bytes()
+    assert (out / "list.csv").read_bytes() == (reference / "list.csv").read_bytes()
+    assert sorted(os.listdir(out / "images")) == sorted(os.listdir(reference / "images"))
+    # A file that a kill left on disk is never downloaded again (an id in flight at a kill is requested again).
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str).set_index("id")
+    assert len(hits_when_on_disk) >= 20
+    for k in range(n):
+        name = Path(manifest.loc[f"img{k}", "path"]).name
+        if name in hits_when_on_disk:
+            assert hits_after_resume[k] == hits_when_on_disk[name], k
+    assert sum(hits_after_resume.values()) <= n + 2 * 4  # at most one worker pool's worth lost per kill
+
+
+def test_ctrl_c_exits_130_and_records_what_is_stored(tmp_path, http_server):
+    quick = {f"q{k}": http_server.route(f"/q/{k}.jpg", static(samples.jpeg(seed=k))) for k in range(8)}
+    stalled = {f"s{k}": http_server.route(f"/s/{k}.jpg", stall()) for k in range(4)}
+    list_path = tmp_path / "list.csv"
+    list_path.write_text("".join(f"{i},{u}\n" for i, u in {**quick, **stalled}.items()))
+    out = tmp_path / "out"
+    process = _start_crawl(list_path, out, "--timeout", "60")
+    _wait_for_files(out, 8, process)
+    while sum(http_server.hits(f"/s/{k}.jpg") for k in range(4)) < 4:  # all workers now hang on stalled hosts
+        time.sleep(0.01)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - sent < 3.0  # in-flight downloads are abandoned, not waited for
+    assert "interrupted" in stderr
+    manifest = assert_manifest_consistent(out)
+    assert list(manifest["id"]) == list(quick)
+    failed = pd.read_csv(out / "failed.csv", dtype=str)
+    assert list(failed["id"]) == list(stalled) and set(failed["reason"]) == {"interrupted"}
+    summary = json.loads((out / "crawl.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stored"] == 8
+    assert summary["failed_by_reason"] == {"interrupted": 4}
