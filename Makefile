@@ -1,29 +1,45 @@
-# Thin wrappers; every target works on a fresh clone.
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# Thin wrappers; every target works on a fresh clone. The venv lives in .venv at the repo root.
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP:= $(VENV)/.installed-bench
 
-.PHONY: install test test-slow bench demo clean
+.PHONY: install install-test install-bench test test-slow bench demo clean
 
 install: $(STAMP)
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-test: install
+# Test-only: PyTorch + timm, the reference InceptionV4 for the weight-conversion test (never in requirements.txt).
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $(TEST_STAMP)
+
+# Bench-only: tf-keras, for the legacy ImageDataGenerator baseline.
+install-bench: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+test: install-test
 	$(PY) -m pytest -m "not slow" -q
 
-test-slow: install
+test-slow: install-test
 	$(PY) -m pytest -m slow -q
 
-bench: install
+bench: install-bench
 	$(PY) -m bench
 
 demo: install
-	@echo "make demo is delivered by issue 5 (not yet built)."; exit 1
+	$(PY) -m demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

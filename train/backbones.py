@@ -36,6 +36,7 @@ class Backbone:
     min_input_size: int = 75
     weights_file: str | None = None  # ImageNet no-top weights, as named in the Keras cache
     weights_url: str | None = None  # where keras.applications downloads them from (None: no public Keras file)
+    weights_howto: str | None = None  # without weights_url: how to make weights_file; {path} is its cache path
 
     def to_config(self) -> dict:
         """The facts a RUN_DIR records so prediction needs nothing else."""
@@ -74,9 +75,10 @@ class Backbone:
         if cached.is_file():
             return str(cached)
         if self.weights_url is None:
+            howto = self.weights_howto.format(path=cached) + " " if self.weights_howto else ""
             raise WeightsError(
                 f"{self.name}: ImageNet weights {self.weights_file} are not in the Keras cache ({cached.parent}) "
-                f"and have no download address; see the README on converting them, or use --weights PATH or --weights none"
+                f"and have no download address. {howto}Otherwise use --weights PATH or --weights none"
             )
         try:
             # cache_dir made explicit: Keras reads KERAS_HOME once at import, we read it now, and both must agree.
@@ -140,7 +142,12 @@ BACKBONES: dict[str, Backbone] = {
             "inception_v4",
             _inception_v4,
             weights_file="inception_v4_tf_in1k_notop.weights.h5",
-            weights_url=None,  # converted from timm's checkpoint (issue 6); see README
+            weights_url=None,  # converted from timm's checkpoint by train.weights; see README
+            weights_howto=(
+                "Make them from timm's inception_v4.tf_in1k checkpoint: on a machine with network, download "
+                "model.safetensors from the Hugging Face Hub repository timm/inception_v4.tf_in1k, then run "
+                "`python -m train.weights convert --from timm model.safetensors --to {path}`."
+            ),
         ),
         Backbone(
             "inception_v3",
