@@ -1,0 +1,238 @@
+"""Benchmark prediction: images per second with --tta 1 and --tta 8 in the same run, and what the 8 views cost.
+
+A real backbone (default: Xception, weights=None, at 150 px, with a sigmoid head) predicts on a couple hundred
+generated ~500x700 JPEGs through `predict.inference.predict_run`, the code `python -m predict` uses. Besides the
+end-to-end figures it measures, in the same process, the two parts: the input pipeline alone (read, decode,
+resize, views, preprocessing; no model) and the model alone on in-memory tensors (one view, and eight views
+stacked in one call). With all views in one call per batch, 8 views should cost about
+decode + 8 x (model per view), not more: the report gives that prediction next to the measured ratio.
+
+`python -m bench.predict [--images 200] [--image-size 150] [--backbone xception] [--batch-size 16]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from crawl.manifest import (
+    FAILED_COLUMNS,
+    JD_FASHION_CLASSES,
+    MANIFEST_COLUMNS,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+)
+from predict.inference import image_dataset, predict_run
+from predict.runs import load_run
+from train.backbones import get_backbone
+from train.model import build_model
+
+
+@dataclass(frozen=True)
+class PredictBenchConfig:
+    """Settings of the prediction benchmark."""
+
+    images: int = 200
+    image_size: int = 150
+    backbone: str = "xception"
+    batch_size: int = 16
+    width: int = 500
+    height: int = 700
+    tta: int = 8
+    rounds: int = 2  # end-to-end timings alternate tta 1 / tta N this many times; the best counts
+    workdir: Path | None = None  # default: a temporary folder, removed afterwards
+    seed: int = 0
+
+
+def _photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    # Smooth gradients plus shapes and mild noise: JPEG sizes and decode cost like real photos, not flat colour.
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([127 + 100 * np.sin(xx / rng.uniform(20, 90) + yy / rng.uniform(20, 90) + k) for k in range(3)], -1)
+    for _ in range(12):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        cv2.circle(img, centre, int(rng.integers(10, 120)), rng.integers(0, 256, 3).tolist(), -1)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_data(root: Path, config: PredictBenchConfig) -> list[str]:
+    """Write `config.images` JPEGs of about width x height and an unlabelled DATA_DIR around them; returns the paths."""
+    rng = np.random.default_rng(config.seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(config.images):
+        h, w = config.height + int(rng.integers(-40, 41)), config.width + int(rng.integers(-40, 41))
+        rel = f"images/b{i:04d}.jpg"
+        cv2.imwrite(str(root / rel), _photo_like(rng, h, w), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        rows.append({"id": f"b{i:04d}", "path": rel, "url": f"http://bench.invalid/{i}.jpg", "sha256": "", "width": w, "height": h})
+    atomic_write_csv(root / "list.csv", pd.DataFrame([{"id": r["id"], "url": r["url"]} for r in rows]))
+    atomic_write_csv(root / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
+    atomic_write_csv(root / "failed.csv", pd.DataFrame(columns=FAILED_COLUMNS))
+    return [str(root / r["path"]) for r in rows]
+
+
+def make_run(root: Path, config: PredictBenchConfig) -> Path:
+    """A RUN_DIR with training's model (backbone + head), untrained: speed does not depend on the weights."""
+    backbone = get_backbone(config.backbone)
+    keras.utils.set_random_seed(config.seed)
+    model, _ = build_model(
+        backbone, len(JD_FASHION_CLASSES), image_size=config.image_size, weights=None, dropout=0.5, l2=0.0
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    model.save(root / "model.keras")
+    k = len(JD_FASHION_CLASSES)
+    atomic_write_json(
+        root / "config.json",
+        {
+            "backbone": backbone.to_config(),
+            "image_size": config.image_size,
+            "classes": JD_FASHION_CLASSES,
+            "train": {},
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+            "manifest_sha256": "",
+            "class_prevalence": [1.0 / k] * k,
+        },
+    )
+    atomic_write_text(root / "classes.txt", "".join(f"{c}\n" for c in JD_FASHION_CLASSES))
+    return root
+
+
+def _time_pipeline(paths: list[str], run, batch_size: int, tta: int) -> float:
+    """Seconds to run the input pipeline alone (decode, resize, views, preprocessing) over all images."""
+    ds = image_dataset(paths, image_size=run.image_size, preprocessing=run.preprocessing, batch_size=batch_size, tta=tta)
+    start = time.perf_counter()
+    for x, _ in ds:
+        x.numpy()  # make sure the batch is materialised
+    return time.perf_counter() - start
+
+
+def _time_model(run, batch_size: int, views: int, repeats: int) -> float:
+    """Seconds per image for the model alone on in-memory batches of batch_size * views images (fastest call).
+
+    The fastest call, not the mean: on a shared machine, calls slowed by other processes should not count.
+    """
+    size = run.image_size
+    x = tf.random.uniform((batch_size * views, size, size, 3), -1.0, 1.0, seed=1)
+    run.model.predict_on_batch(x)  # trace and warm up
+    calls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run.model.predict_on_batch(x)
+        calls.append(time.perf_counter() - start)
+    return min(calls) / batch_size
+
+
+def run_benchmark(config: PredictBenchConfig) -> dict:
+    """Measure and return the figures (seconds, images/s, ratios)."""
+    work = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    try:
+        t0 = time.perf_counter()
+        paths = make_data(work / "data", config)
+        print(f"generated {len(paths)} JPEGs (~{config.width}x{config.height}) in {time.perf_counter() - t0:.1f}s", flush=True)
+        run = load_run(make_run(work / "run", config))
+        n, b = len(paths), config.batch_size
+
+        # Input pipeline alone, with 1 and with `tta` views (the views are built in the pipeline too).
+        _time_pipeline(paths[: 2 * b], run, b, 1)  # warm the file cache and tf.data
+        pipe_1 = _time_pipeline(paths, run, b, 1)
+        pipe_n = _time_pipeline(paths, run, b, config.tta)
+        # Model alone, per image, on one view and on `tta` views stacked in one call.
+        repeats = max(3, n // b // 2)
+        model_1 = _time_model(run, b, 1, repeats * 2)
+        model_n = _time_model(run, b, config.tta, repeats)
+        # End to end, as `python -m predict submit` runs it; warm-up excluded. The two settings alternate and
+        # the best of `rounds` counts (as timeit does), so load from other processes does not skew the ratio.
+        e2e_1, e2e_n = float("inf"), float("inf")
+        for _ in range(config.rounds):
+            e2e_1 = min(e2e_1, predict_run(run, paths, tta=1, batch_size=b, progress=False, warmup=True).seconds)
+            e2e_n = min(e2e_n, predict_run(run, paths, tta=config.tta, batch_size=b, progress=False, warmup=True).seconds)
+        expected_n = pipe_1 + config.tta * model_1 * n  # decode once, model once per view
+        figures = {
+            "backbone": run.backbone,
+            "image_size": run.image_size,
+            "images": n,
+            "batch_size": b,
+            "rounds": config.rounds,
+            "tta": config.tta,
+            "cpu_count": os.cpu_count(),
+            "pipeline_images_per_second_tta1": n / pipe_1,
+            f"pipeline_images_per_second_tta{config.tta}": n / pipe_n,
+            "model_images_per_second_1_view": 1 / model_1,
+            f"model_images_per_second_{config.tta}_views": 1 / model_n,
+            "model_cost_ratio": model_n / model_1,
+            "predict_images_per_second_tta1": n / e2e_1,
+            f"predict_images_per_second_tta{config.tta}": n / e2e_n,
+            "predict_seconds_tta1": e2e_1,
+            f"predict_seconds_tta{config.tta}": e2e_n,
+            "cost_ratio": e2e_n / e2e_1,
+            "expected_seconds": expected_n,
+            "measured_over_expected": e2e_n / expected_n,
+        }
+        return figures
+    finally:
+        if not config.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(f: dict) -> str:
+    """The figures as a small table."""
+    n = f["tta"]
+    return "\n".join(
+        [
+            f"prediction benchmark: {f['backbone']} at {f['image_size']} px, {f['images']} JPEGs ~500x700, batch {f['batch_size']} "
+            f"(images/s count source images: with tta {n} each one is {n} model inputs)",
+            f"{'':34}{'tta 1':>12}{'tta ' + str(n):>12}{'ratio':>9}",
+            f"{'predict (end to end), images/s':34}{f['predict_images_per_second_tta1']:12.2f}"
+            f"{f[f'predict_images_per_second_tta{n}']:12.2f}{f['cost_ratio']:9.2f}",
+            f"{'model alone, images/s':34}{f['model_images_per_second_1_view']:12.2f}"
+            f"{f[f'model_images_per_second_{n}_views']:12.2f}{f['model_cost_ratio']:9.2f}",
+            f"{'input pipeline alone, images/s':34}{f['pipeline_images_per_second_tta1']:12.2f}"
+            f"{f[f'pipeline_images_per_second_tta{n}']:12.2f}",
+            f"tta {n} took {f[f'predict_seconds_tta{n}']:.1f}s against {f['expected_seconds']:.1f}s expected "
+            f"(decode once + {n} x model per view): measured/expected = {f['measured_over_expected']:.2f}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--image-size", type=int, default=150)
+    parser.add_argument("--backbone", default="xception")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tta", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating end-to-end timings; the best counts")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    figures = run_benchmark(
+        PredictBenchConfig(
+            images=args.images,
+            image_size=args.image_size,
+            backbone=args.backbone,
+            batch_size=args.batch_size,
+            tta=args.tta,
+            rounds=args.rounds,
+        )
+    )
+    print(report(figures))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

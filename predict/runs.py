@@ -1,0 +1,152 @@
+"""Load a RUN_DIR written by `python -m train`: its model, config, classes, tuned thresholds and class prevalence.
+
+A RUN_DIR carries everything prediction needs (docs/CONTRACTS.md), so nothing here guesses: the image size and
+preprocessing come from config.json, the class order from classes.txt (checked against config.json and the model's
+output width), the thresholds from metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from predict.errors import PredictError
+from train.preprocess import PREPROCESSING
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.txt"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A loaded RUN_DIR."""
+
+    path: Path
+    config: dict
+    classes: list[str]
+    metrics: dict | None  # None when metrics.json is absent (tuned thresholds and compare then fail clearly)
+    model: keras.Model = field(repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def backbone(self) -> str:
+        return str(self.config["backbone"]["name"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def preprocessing(self) -> str:
+        return str(self.config["backbone"]["preprocessing"])
+
+    @property
+    def class_prevalence(self) -> np.ndarray:
+        """Training prevalence per class (config.json's class_prevalence), used to fill probabilities of missing images."""
+        prevalence = self.config.get("class_prevalence")
+        if prevalence is None or len(prevalence) != len(self.classes):
+            raise PredictError(
+                f"{self.path / CONFIG_FILE}: class_prevalence is missing or does not have one value per class "
+                f"({len(self.classes)} classes)"
+            )
+        return np.asarray(prevalence, dtype=np.float64)
+
+    @property
+    def tuned_thresholds(self) -> np.ndarray:
+        """Per-class thresholds tuned on validation (metrics.json's thresholds), in class order."""
+        path = self.path / METRICS_FILE
+        if self.metrics is None:
+            raise PredictError(f"{path}: not found; --threshold tuned needs the thresholds training stores there")
+        stored = self.metrics.get("thresholds")
+        if not isinstance(stored, dict):
+            raise PredictError(f"{path}: has no 'thresholds' mapping; use --threshold 0.5 or a number")
+        absent = [c for c in self.classes if c not in stored]
+        if absent:
+            raise PredictError(f"{path}: thresholds missing for class(es) {', '.join(absent)}")
+        return np.asarray([float(stored[c]) for c in self.classes], dtype=np.float64)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PredictError(f"{path}: not found; is {path.parent} a RUN_DIR written by `python -m train`?") from None
+    except json.JSONDecodeError as err:
+        raise PredictError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_run(path: str | Path) -> Run:
+    """Read and check a RUN_DIR; raises PredictError naming the file at fault."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PredictError(f"{path}: not a RUN_DIR (no such directory)")
+    config = _read_json(path / CONFIG_FILE)
+    try:
+        image_size = int(config["image_size"])
+        preprocessing = config["backbone"]["preprocessing"]
+        config["backbone"]["name"]
+        config_classes = list(config["classes"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise PredictError(f"{path / CONFIG_FILE}: missing or malformed setting {err}; see docs/CONTRACTS.md") from None
+    if preprocessing not in PREPROCESSING:
+        raise PredictError(
+            f"{path / CONFIG_FILE}: unknown preprocessing {preprocessing!r}; known: {', '.join(sorted(PREPROCESSING))}"
+        )
+    classes_path = path / CLASSES_FILE
+    if not classes_path.is_file():
+        raise PredictError(f"{classes_path}: not found")
+    classes = [c.strip() for c in classes_path.read_text(encoding="utf-8").splitlines() if c.strip()]
+    if classes != config_classes:
+        raise PredictError(f"{classes_path}: classes differ from those in {CONFIG_FILE} ({classes} vs {config_classes})")
+    metrics = _read_json(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else None
+
+    model_path = path / MODEL_FILE
+    if not model_path.is_file():
+        raise PredictError(f"{model_path}: not found; did training finish an epoch?")
+    try:
+        model = keras.saving.load_model(model_path)  # safe mode: a RUN_DIR model holds no Lambda layers
+    except Exception as err:  # Keras raises many types for a damaged or foreign file
+        raise PredictError(f"{model_path}: cannot be loaded ({type(err).__name__}: {err})") from None
+    in_shape, out_shape = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
+    if tuple(in_shape[1:]) != (image_size, image_size, 3):
+        raise PredictError(f"{model_path}: model input {in_shape} does not match image_size {image_size} in {CONFIG_FILE}")
+    if out_shape[-1] != len(classes):
+        raise PredictError(f"{model_path}: model has {out_shape[-1]} outputs but {classes_path} lists {len(classes)} classes")
+    return Run(path=path, config=config, classes=classes, metrics=metrics, model=model)
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Load several RUN_DIRs for an ensemble; refuses runs whose classes (names or order) differ."""
+    if not paths:
+        raise PredictError("no RUN_DIR given")
+    runs = [load_run(p) for p in paths]
+    check_same_classes(runs)
+    return runs
+
+
+def check_same_classes(runs: Sequence[Run]) -> list[str]:
+    """The runs' common class list; PredictError naming the runs and the difference when they disagree."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.classes != first.classes:
+            only_first = [c for c in first.classes if c not in run.classes]
+            only_other = [c for c in run.classes if c not in first.classes]
+            if not only_first and not only_other:
+                detail = "the same classes in a different order"
+            else:
+                detail = f"only in {first.path}: {only_first or 'none'}; only in {run.path}: {only_other or 'none'}"
+            raise PredictError(
+                f"cannot ensemble {first.path} and {run.path}: their classes differ ({detail}). "
+                f"Ensembles average probabilities class by class, so every run must predict the same classes in the same order."
+            )
+    return list(first.classes)

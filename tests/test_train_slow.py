@@ -1,0 +1,80 @@
+"""Slower train-stage checks (`make test-slow`): resume inside stage 2 and across two replicas, a full
+Inception-ResNet-v2 run, and a run with --cache DIR and --mixed-precision."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.datagen import make_data_dir
+from tests.test_train import RUN_FILES, _cli, _config, _finish, _kill_when
+from train.fit import train
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Your input ran out of data")]
+
+BASE = ["--backbone", "xception", "--image-size", "75", "--batch-size", "8", "--weights", "none", "--val-split", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("slow-data"), n=40, n_classes=3, corrupt=1, seed=3)
+
+
+def test_resume_after_kill_inside_stage_2(data, tmp_path):
+    out = tmp_path / "run"
+    args = [str(data.root), "--out", str(out), *BASE, "--frozen-epochs", "1", "--epochs", "3", "--unfreeze", "0.1"]
+    _kill_when(_cli(args), out / "backup" / "stage2" / "training_metadata.json")  # after epoch 2, the first of stage 2
+    before = pd.read_csv(out / "history.csv")
+    assert before["epoch"].tolist()[:2] == [1, 2]
+    code, stdout, stderr = _finish(_cli(args), timeout=600)
+    assert code == 0, stderr
+    assert "epoch 3/3 stage 2" in stdout and "epoch 2/3" not in stdout
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3] and history["stage"].tolist() == [1, 2, 2]
+    pd.testing.assert_frame_equal(history.iloc[:2], before.iloc[:2])
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_trained"] == 3
+    assert metrics["best_epoch"] == int(history.loc[history["val_map"].idxmax(), "epoch"])
+
+
+def test_resume_after_kill_with_two_replicas(data, tmp_path):
+    out = tmp_path / "run"
+    args = [str(data.root), "--out", str(out), *BASE, "--frozen-epochs", "2", "--epochs", "2", "--devices", "2"]
+    _kill_when(_cli(args), out / "backup" / "stage1" / "training_metadata.json")
+    code, stdout, stderr = _finish(_cli(args), timeout=600)
+    assert code == 0, stderr
+    assert "2 replica(s)" in stdout and "(resuming)" in stdout
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+
+
+def test_inception_resnet_v2_full_run_saves_a_safe_mode_model(data, tmp_path):
+    flags = ["--backbone", "inception_resnet_v2", "--image-size", "75", "--batch-size", "8", "--frozen-epochs", "1",
+             "--epochs", "2", "--unfreeze", "0.05", "--weights", "none", "--val-split", "0.25"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train(_config(data.root, tmp_path / "run", flags), verbose=0)
+    assert result.epochs_trained == 2
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")  # safe mode: no Lambda layers
+    assert model.get_layer("inception_resnet_v2") is not None
+
+
+def test_cache_dir_and_mixed_precision(data, tmp_path):
+    flags = [*BASE, "--frozen-epochs", "2", "--epochs", "2", "--cache", str(tmp_path / "cache"), "--mixed-precision"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(_config(data.root, tmp_path / "run", flags), verbose=0)
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert any(n.startswith("train-75px-") for n in names) and any(n.startswith("val-75px-") for n in names)
+    assert not any(n.endswith(".lockfile") for n in names)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert model.get_layer("probabilities").dtype_policy.name == "float32"
+    out = model.predict(np.zeros((2, 75, 75, 3), np.float32), verbose=0)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert pd.read_csv(tmp_path / "run" / "history.csv")["epoch"].tolist() == [1, 2]

@@ -1,0 +1,110 @@
+"""The training settings: one frozen dataclass, its defaults, its checks, and its resolution against the backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.backbones import get_backbone
+from train.data import DEFAULT_AUGMENT, parse_augment
+
+# Settings that may differ when a killed run is resumed: they change how it runs, not what it learns.
+RUNTIME_SETTINGS = ("devices", "cache")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range, or the settings contradict each other or an existing RUN_DIR."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `python -m train` accepts. `resolve()` fills the backbone-dependent defaults and checks ranges."""
+
+    data_dir: Path
+    backbone: str
+    out: Path
+    val: Path | None = None  # a second, labelled DATA_DIR for validation; else val_split of data_dir
+    val_split: float | None = None  # defaults to 0.1 when `val` is not given
+    image_size: int | None = None  # defaults to the backbone's native size
+    batch_size: int = 96  # global batch, over all replicas
+    frozen_epochs: int = 10
+    epochs: int = 20
+    lr: float = 1e-4
+    finetune_lr: float = 1e-5
+    unfreeze: float = 0.3
+    dropout: float = 0.5
+    l2: float = 0.0
+    weights: str = "imagenet"  # "imagenet", "none" or a path to a weights file for the backbone
+    augment: tuple[str, ...] = field(default=DEFAULT_AUGMENT)
+    devices: int | None = None
+    mixed_precision: bool = False
+    cache: str | None = None  # "memory" or a folder
+    seed: int = 0
+
+    def resolve(self) -> "TrainConfig":
+        """A copy with defaults filled from the backbone and every setting checked; raises ConfigError."""
+        try:
+            backbone = get_backbone(self.backbone)
+            augment = parse_augment(self.augment)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.val is not None and self.val_split is not None:
+            raise ConfigError("give either --val DATA_DIR or --val-split, not both")
+        val_split = None if self.val is not None else (0.1 if self.val_split is None else float(self.val_split))
+        if val_split is not None and not 0.0 < val_split < 1.0:
+            raise ConfigError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+        size = self.image_size or backbone.input_size
+        if size < backbone.min_input_size:
+            raise ConfigError(f"--image-size {size} is below {backbone.name}'s minimum of {backbone.min_input_size} px")
+        checks = [
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (
+                0 <= self.frozen_epochs <= self.epochs,
+                f"--frozen-epochs must be between 0 and --epochs ({self.epochs}), got {self.frozen_epochs}",
+            ),
+            (
+                self.lr > 0 and self.finetune_lr > 0,
+                f"learning rates must be positive, got --lr {self.lr} --finetune-lr {self.finetune_lr}",
+            ),
+            (0.0 <= self.unfreeze <= 1.0, f"--unfreeze must be between 0 and 1, got {self.unfreeze}"),
+            (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.l2 >= 0.0, f"--l2 must be non-negative, got {self.l2}"),
+            (self.devices is None or self.devices >= 1, f"--devices must be at least 1, got {self.devices}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        weights = self.weights
+        if weights not in ("imagenet", "none"):
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"--weights {weights}: no such file (use imagenet, none, or a .weights.h5 path)")
+            weights = str(path.resolve())
+        cache = self.cache
+        if cache is not None and cache != "memory":
+            cache = str(Path(cache).expanduser().resolve())
+        return dataclasses.replace(
+            self,
+            data_dir=Path(self.data_dir).expanduser().resolve(),
+            out=Path(self.out).expanduser().resolve(),
+            val=None if self.val is None else Path(self.val).expanduser().resolve(),
+            val_split=val_split,
+            image_size=size,
+            augment=augment,
+            weights=weights,
+            cache=cache,
+        )
+
+    def to_json(self) -> dict:
+        """The settings as JSON values (paths as strings, augment as a list)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def stage2_epochs(self) -> int:
+        return self.epochs - self.frozen_epochs

@@ -1,0 +1,67 @@
+"""The tagger: a registry backbone (always run in inference mode) under a pooling, dropout and sigmoid head.
+
+The two training stages differ only in which backbone layers are trainable: none in stage 1, the top fraction in
+stage 2; BatchNormalization layers stay frozen in both, and because the backbone is called with training=False
+their moving statistics never change either (the keras-io transfer-learning recipe).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from train.backbones import Backbone
+
+HEAD_LAYERS = ("pool", "dropout", "probabilities")
+
+
+def build_model(
+    backbone: Backbone, n_classes: int, *, image_size: int, weights: str | None, dropout: float, l2: float
+) -> tuple[keras.Model, keras.Model]:
+    """The full model (preprocessed image -> one float32 sigmoid per class) and its backbone sub-model."""
+    features_model = backbone.build(image_size, None if weights in (None, "none") else weights)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    features = features_model(inputs, training=False)  # BatchNormalization stays in inference mode in both stages
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(
+        n_classes,
+        activation="sigmoid",
+        dtype="float32",  # probabilities and the loss stay float32 under mixed precision
+        kernel_regularizer=keras.regularizers.L2(l2) if l2 > 0 else None,
+        name="probabilities",
+    )(x)
+    return keras.Model(inputs, outputs, name=f"{backbone.name}_tagger"), features_model
+
+
+def _walk(layer: keras.layers.Layer):
+    """The layer and, for nested models or blocks, every layer inside it."""
+    yield layer
+    for sub in getattr(layer, "layers", []) or []:
+        yield from _walk(sub)
+
+
+def backbone_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
+    """The backbone's top-level layers in order, without its input layer."""
+    return [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def freeze_backbone(backbone: keras.Model) -> None:
+    """Stage 1: no backbone weight is trainable."""
+    backbone.trainable = False
+
+
+def unfreeze_top(backbone: keras.Model, fraction: float) -> list[keras.layers.Layer]:
+    """Stage 2: make the top `fraction` of the backbone's layers trainable, except BatchNormalization.
+
+    Returns the top-level layers that were unfrozen (in order). The model must be recompiled afterwards.
+    """
+    layers = backbone_layers(backbone)
+    n_open = int(round(len(layers) * fraction))
+    cut = len(layers) - n_open
+    backbone.trainable = True  # sets every sub-layer trainable; the loop below closes what must stay frozen
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= cut
+        for sub in _walk(layer):
+            if isinstance(sub, keras.layers.BatchNormalization):
+                sub.trainable = False
+    return layers[cut:]

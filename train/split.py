@@ -1,0 +1,28 @@
+"""The validation split: multi-label iterative stratification (Sechidis et al., 2011), seeded and reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split rows of a 0/1 label matrix into (train, val) index arrays, ascending, keeping each class's share.
+
+    The same labels, fraction and seed always give the same split. Raises ValueError when either side would be
+    empty.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val-split must be between 0 and 1 (exclusive), got {val_fraction}")
+    n_val = int(np.ceil(val_fraction * n))
+    if n < 2 or n_val < 1 or n_val >= n:
+        raise ValueError(f"--val-split {val_fraction} of {n} images leaves no training or no validation images")
+    y = labels.astype(bool)
+    if y.ndim == 1 or y.shape[1] == 1:
+        # With one class, add its complement so the stratifier sees a multi-label matrix and balances both.
+        y = np.column_stack([y.reshape(n, 1), ~y.reshape(n, 1)])
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    train, val = next(splitter.split(np.zeros((n, 1)), y))
+    return np.sort(train), np.sort(val)
