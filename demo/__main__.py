@@ -35,7 +35,7 @@ class DemoConfig:
     epochs: int = 8
     unfreeze: float = 1.0  # weights are random (no ImageNet here): the whole backbone has to learn
     lr: float = 1e-3
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 1e-4
     devices: int = 2
     tta: int = 4
     seed: int = 0

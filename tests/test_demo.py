@@ -62,6 +62,7 @@ def test_cut_down_demo_end_to_end(tmp_path):
     for step in range(1, 7):
         assert f"[{step}/6]" in text
     assert "2 replica(s)" in text  # MirroredStrategy over two logical CPU devices
+    assert "BatchNormalization statistics of" in text  # random weights: BN estimated on the training images
     assert "chance level" in text and "| xception |" in text
 
     train = read_data_dir(out / "data" / "train")

@@ -40,7 +40,7 @@ from train.config import RUNTIME_SETTINGS, ConfigError, TrainConfig
 from train.data import SkipLog, make_dataset
 from train.devices import has_gpu, make_strategy
 from train.metrics import f2_samples, mean_average_precision, per_class_average_precision, tune_thresholds
-from train.model import build_model, freeze_backbone, unfreeze_top
+from train.model import build_model, estimate_batchnorm_statistics, freeze_backbone, unfreeze_top
 from train.plots import plot_curves
 from train.split import stratified_split
 
@@ -421,6 +421,21 @@ def _quiet_retracing_notes() -> None:
         logger.addFilter(_DropRetracingNotes())
 
 
+def _estimate_batchnorm(run: _Run, backbone: keras.Model, max_images: int = 64) -> None:
+    """Random weights: give BatchNormalization the statistics of the first training images (no augmentation).
+
+    Deterministic (same images, same order), so a resumed run starts from the same state; BackupAndRestore then
+    restores the trained values on top.
+    """
+    paths = run.split.train_paths[:max_images]
+    batch = make_dataset(paths, None, image_size=run.cfg.image_size, preprocessing=run.backbone.preprocessing,
+                         batch_size=len(paths), training=False, seed=run.cfg.seed)
+    images = next(iter(batch))
+    n = estimate_batchnorm_statistics(backbone, images)
+    print(f"--weights none: BatchNormalization statistics of {n} layers estimated on {len(paths)} training images",
+          flush=True)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -482,6 +497,8 @@ def train(
                 run.backbone, len(split.classes), image_size=cfg.image_size, weights=cfg.weights,
                 dropout=cfg.dropout, l2=cfg.l2,
             )
+        if cfg.weights == "none":
+            _estimate_batchnorm(run, backbone)
         stages = [(1, cfg.lr, 0, cfg.frozen_epochs), (2, cfg.finetune_lr, cfg.frozen_epochs, cfg.epochs)]
         for stage, lr, first, last in stages:
             if last <= first or run.stop_reason:

@@ -45,6 +45,26 @@ def backbone_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
+def estimate_batchnorm_statistics(backbone: keras.Model, images) -> int:
+    """Set every BatchNormalization's moving mean and variance to the statistics of `images`; returns how many.
+
+    For a backbone with random weights (`--weights none`) the initial statistics (0 and 1) are meaningless, and
+    since the backbone always runs in inference mode its features would shrink layer after layer to almost nothing
+    (about 1e-6 after Xception), leaving stage 1 a head on zeros. One forward pass in training mode with momentum 0
+    (no weight is updated) gives every layer the statistics of real inputs, as pretrained weights carry theirs.
+    """
+    layers = [layer for layer in _walk(backbone) if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = 0.0
+        backbone(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return len(layers)
+
+
 def freeze_backbone(backbone: keras.Model) -> None:
     """Stage 1: no backbone weight is trainable."""
     backbone.trainable = False
