@@ -173,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=DemoConfig.epochs)
     parser.add_argument("--frozen-epochs", type=int, default=DemoConfig.frozen_epochs)
     parser.add_argument("--image-size", type=int, default=DemoConfig.image_size)
+    parser.add_argument("--unfreeze", type=float, default=DemoConfig.unfreeze)
     args = parser.parse_args(argv)
     run_demo(
         DemoConfig(
             out=args.out, submission=args.submission, n_train=args.n_train, n_test=args.n_test,
             backbones=tuple(b for b in args.backbones.split(",") if b), epochs=args.epochs,
-            frozen_epochs=args.frozen_epochs, image_size=args.image_size,
+            frozen_epochs=args.frozen_epochs, image_size=args.image_size, unfreeze=args.unfreeze,
         )
     )
     return 0
