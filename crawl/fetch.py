@@ -242,8 +242,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _root_message(exc: BaseException) -> str:
-    """The most specific human message in an exception chain (e.g. 'Connection refused')."""
+def _exception_chain(exc: BaseException):
+    """Every exception reachable from `exc` (args, cause, context, urllib3's `reason`), each once, depth first."""
     seen = set()
     stack = [exc]
     while stack:
@@ -251,32 +251,28 @@ def _root_message(exc: BaseException) -> str:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror
+        yield e
         stack.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
         for nxt in (e.__cause__, e.__context__, getattr(e, "reason", None)):
             if isinstance(nxt, BaseException):
                 stack.append(nxt)
+
+
+def _root_message(exc: BaseException) -> str:
+    """The most specific human message in an exception chain (e.g. 'Connection refused')."""
+    for e in _exception_chain(exc):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
     return str(exc)[:300]
 
 
 def _is_timeout(exc: BaseException) -> bool:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _exception_chain(exc):
         # urllib3's NewConnectionError (refused, unreachable) subclasses ConnectTimeoutError for history's sake.
         if isinstance(e, urllib3.exceptions.NewConnectionError):
-            pass
-        elif isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError, socket.timeout)):
+            continue
+        if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError, socket.timeout)):
             return True
-        stack.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
-        for nxt in (e.__cause__, e.__context__, getattr(e, "reason", None)):
-            if isinstance(nxt, BaseException):
-                stack.append(nxt)
     return False
 
 
