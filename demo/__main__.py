@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -54,9 +55,14 @@ def _crawl_all(config: DemoConfig, lists: dict[str, Path]) -> dict[str, Path]:
     data = config.out / "data"
     jobs = {"train": lists["train_list"], "test": lists["test_list"], "test_labelled": lists["test_labels"]}
     dirs = {name: data / name for name in jobs}
-    todo = {name: path for name, path in jobs.items() if not (dirs[name] / "crawl.json").exists()}
+    todo = {name: path for name, path in jobs.items() if not _crawl_completed(dirs[name])}
     for name in sorted(set(jobs) - set(todo)):
         print(f"  {dirs[name]}: already crawled, reused", flush=True)
+    for name in todo:
+        if dirs[name].exists():
+            # An interrupted crawl of an earlier demo run: its URLs named another port, so start it afresh.
+            print(f"  {dirs[name]}: unfinished crawl from an earlier run, crawling again", flush=True)
+            shutil.rmtree(dirs[name])
     if not todo:
         return dirs
     with serve_directory(config.out / "generated") as base_url:
@@ -75,6 +81,11 @@ def _crawl_all(config: DemoConfig, lists: dict[str, Path]) -> dict[str, Path]:
                 )
             )
     return dirs
+
+
+def _crawl_completed(data_dir: Path) -> bool:
+    summary = data_dir / "crawl.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
 
 
 def chance_map(data_dir: Path) -> float:
@@ -143,6 +154,9 @@ def run_demo(config: DemoConfig) -> dict:
     chance = chance_map(dirs["test_labelled"])
     print(comparison.markdown)
     print(f"chance level (mean class prevalence, what a random scorer's mAP is about): {chance:.3f}")
+    for _, row in comparison.table.iterrows():
+        verdict = "clearly above chance" if row["map"] >= chance + 0.1 else "NOT clearly above chance"
+        print(f"  {row['backbone']}: mAP {row['map']:.3f} = {row['map'] / chance:.1f} x chance, {verdict}")
 
     best_name = comparison.table.iloc[0]["run"]  # the table is sorted by mAP, best first
     best = next(Path(r) for r in runs if best_name in (Path(r).name, str(r)))

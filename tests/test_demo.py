@@ -10,8 +10,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from crawl.manifest import read_data_dir
+from predict.inference import predict_ensemble
+from predict.runs import load_run
 from demo.generate import CLASSES, DemoDataConfig, _sample_labels, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +75,14 @@ def test_cut_down_demo_end_to_end(tmp_path):
     for name in ("model.keras", "config.json", "metrics.json", "history.csv", "curves.png"):
         assert (run / name).is_file(), name
     assert (out / "compare" / "compare.md").is_file() and (out / "compare" / "compare.png").is_file()
+    assert "x chance" in text
+
+    # No train/serve skew: predict's code on the saved model reproduces training's validation probabilities.
+    val = pd.read_csv(run / "val_predictions.csv", dtype={"id": str})
+    path_of = dict(zip(train.manifest["id"], train.image_paths()))
+    predicted = predict_ensemble([load_run(run)], [path_of[i] for i in val["id"]], ids=list(val["id"]), tta=1,
+                                 progress=False)
+    np.testing.assert_allclose(predicted.probabilities, val[CLASSES].to_numpy(), rtol=0, atol=2e-5)
 
     rows = list(csv.reader(submission.open()))
     test_ids = [r[0] for r in csv.reader((out / "generated" / "test.csv").open())]

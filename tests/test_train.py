@@ -216,6 +216,13 @@ def test_a_val_data_dir_is_used_whole_and_must_have_the_same_classes(data, tmp_p
         load_split(_config(data.root, tmp_path / "run", flags).resolve())
 
 
+def test_a_val_split_that_leaves_no_images_is_a_settings_error(tmp_path):
+    small = make_data_dir(tmp_path / "small", n=1, n_classes=3, seed=2)
+    flags = ["--backbone", "xception", "--image-size", "75", "--val-split", "0.01"]
+    with pytest.raises(ConfigError, match=r"small: --val-split 0.01 of 1 images leaves no training or no validation"):
+        load_split(_config(small.root, tmp_path / "run", flags).resolve())
+
+
 def _tiny_cnn(include_top=False, weights=None, input_shape=None):
     """A 1x1-convolution colour detector: random features that a linear head can read the shape colours from."""
     inputs = keras.Input(input_shape)

@@ -101,7 +101,10 @@ def load_split(cfg: TrainConfig) -> Split:
         if val.manifest.empty:
             raise DataDirError(f"{cfg.val}: manifest.csv lists no images")
         return Split(data.classes, paths, labels, ids, val.image_paths(), val.labels(), list(val.manifest["id"]))
-    train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed)
+    try:
+        train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed)
+    except ValueError as err:  # too few images for the fraction: a settings problem, exit 2 like the others
+        raise ConfigError(f"{cfg.data_dir}: {err}") from None
     pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
     return Split(
         data.classes,
