@@ -262,14 +262,18 @@ def test_deadline_cuts_a_trickle_despite_a_long_read_timeout(http_server):
     fetcher.close()
 
 
-def test_deadline_cuts_a_stalled_response_despite_a_long_read_timeout(http_server):
-    url = http_server.route("/s", stall())
+def _assert_cut_by_half_second_deadline(url: str) -> None:
+    """A 30 s read timeout would let the response hold the worker; the 0.5 s attempt deadline must cut it."""
     fetcher = _fetcher(timeout=30.0, deadline=0.5, retries=0)
     start = time.monotonic()
     with pytest.raises(FetchFailed, match="deadline"):
         fetcher.get(url)
     assert time.monotonic() - start < 0.5 + 0.3
     fetcher.close()
+
+
+def test_deadline_cuts_a_stalled_response_despite_a_long_read_timeout(http_server):
+    _assert_cut_by_half_second_deadline(http_server.route("/s", stall()))
 
 
 def test_deadline_cuts_headers_sent_one_byte_at_a_time(http_server):
@@ -281,13 +285,7 @@ def test_deadline_cuts_headers_sent_one_byte_at_a_time(http_server):
                 break
         handler.close_connection = True
 
-    url = http_server.route("/h", slow_headers)
-    fetcher = _fetcher(timeout=30.0, deadline=0.5, retries=0)
-    start = time.monotonic()
-    with pytest.raises(FetchFailed, match="deadline"):
-        fetcher.get(url)
-    assert time.monotonic() - start < 0.5 + 0.3
-    fetcher.close()
+    _assert_cut_by_half_second_deadline(http_server.route("/h", slow_headers))
 
 
 def test_huge_content_length_is_refused_before_reading(http_server):
