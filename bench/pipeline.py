@@ -1,24 +1,27 @@
 """Benchmark the training input pipeline, and training speed with real against synthetic input, per backbone.
 
 Input pipeline, images per second at 299 px on generated ~500x700 JPEGs, all in one process and in alternating
-rounds so that whatever else runs on the machine weighs on every side alike:
+rounds so that whatever else runs on the machine weighs on every side alike. Each timed pass reads the files
+`--passes` times over (960 images by default), as a training epoch would, so that filling and draining the
+pipeline at the start and end of a pass weigh little; all use the same tf.data options (`pipeline_options`):
 
 - ceiling: read, decode and resize alone (`train.data.decode_resize` in a parallel tf.data map, batched);
 - pipeline: `train.data.make_dataset(training=True)` with the default augmentations (flip, translate, rotate),
-  the inception preprocessing, batching and prefetch: what training consumes; also with augmentation "none",
-  which shows what the pipeline's own machinery costs apart from the augmentation pass;
+  the inception preprocessing, batching and prefetch, and the epoch key and skip log that training passes: what
+  training consumes; also with augmentation "none", which shows what the pipeline's own machinery costs apart
+  from the augmentation pass;
 - legacy: tf-keras's `ImageDataGenerator.flow_from_dataframe` with the same augmentations (rotation 15 degrees,
   shifts of 10%, horizontal flips, reflected borders), bilinear resize and the same preprocessing.
 
-Other processes on a small, shared machine come and go (a pass runs at one of a few distinct speeds, as if the
-process got one or two cores' worth), so each series keeps its best round (the least disturbed, as timeit
-advises) and ratios are taken best against best; the returned figures also hold the medians. CPU milliseconds
-per image (user + system time of this process) are printed too: they hardly depend on other processes' load.
+Each series keeps its best round (the least disturbed by other processes, as timeit advises) and its median;
+ratios are given best against best and as the median of the per-round ratios. CPU milliseconds per image (user
++ system time of this process) are printed too: they hardly depend on other processes' load.
 
 Training, per backbone at 299 px (stage 1: frozen backbone, head trained): images per second with in-memory
 synthetic batches and with the real input pipeline, a few steps each after warm-up steps that absorb tracing.
 
-    python -m bench.pipeline [--images 320] [--rounds 5] [--legacy-images 96] [--train-steps 4] [--skip-train]
+    python -m bench.pipeline [--images 320] [--passes 3] [--rounds 5] [--legacy-images 96] [--train-steps 4]
+                             [--skip-train]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import pandas as pd
 import tensorflow as tf
 
 from train.backbones import get_backbone
-from train.data import DEFAULT_AUGMENT, decode_resize, make_dataset
+from train.data import DEFAULT_AUGMENT, SkipLog, decode_resize, make_dataset, pipeline_options
 from train.model import build_model, freeze_backbone
 
 MAIN_BACKBONES = ("inception_resnet_v2", "xception", "inception_v4")
@@ -53,6 +56,7 @@ class PipelineBenchConfig:
     batch_size: int = 32
     width: int = 500
     height: int = 700
+    passes: int = 3  # times each timed pass reads the files
     rounds: int = 5
     legacy_images: int = 96  # the legacy generator is slow; it reads a prefix of the images each round
     train_batch_size: int = 8
@@ -99,8 +103,8 @@ def make_jpegs(folder: Path, config: PipelineBenchConfig) -> list[str]:
 def _ceiling_dataset(paths: list[str], config: PipelineBenchConfig) -> tf.data.Dataset:
     size = config.image_size
     ds = tf.data.Dataset.from_tensor_slices(paths)
-    ds = ds.map(lambda p: decode_resize(p, size), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.repeat(config.passes).map(lambda p: decode_resize(p, size), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
 
 
 def _legacy_iterator(paths: list[str], labels: np.ndarray, config: PipelineBenchConfig):
@@ -161,12 +165,16 @@ def bench_input(paths: list[str], config: PipelineBenchConfig) -> dict:
     paths = paths[: max(len(paths) // config.batch_size, 1) * config.batch_size]
     rng = np.random.default_rng(config.seed)
     labels = (rng.random((len(paths), config.n_classes)) < 0.3).astype(np.float32)
-    common = dict(image_size=config.image_size, preprocessing="inception", batch_size=config.batch_size, training=True,
-                  seed=config.seed)
+    def pipeline(augment: tuple[str, ...]) -> tf.data.Dataset:
+        ds = make_dataset(paths, labels, image_size=config.image_size, preprocessing="inception",
+                          batch_size=config.batch_size, training=True, augment=augment, seed=config.seed,
+                          epoch=tf.Variable(0, dtype=tf.int64), skips=SkipLog(len(paths)))
+        return ds.repeat(config.passes)
+
     datasets = {
         "ceiling": _ceiling_dataset(paths, config),
-        "pipeline": make_dataset(paths, labels, augment=DEFAULT_AUGMENT, **common),
-        "pipeline_no_augment": make_dataset(paths, labels, augment=(), **common),
+        "pipeline": pipeline(DEFAULT_AUGMENT),
+        "pipeline_no_augment": pipeline(()),
     }
     legacy = _legacy_iterator(paths, labels, config)
     for ds in datasets.values():  # warm-up: traces the functions and fills the page cache
@@ -247,8 +255,8 @@ def run(config: PipelineBenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         folder = Path(config.workdir) if config.workdir else Path(tmp)
         paths = make_jpegs(folder, config)
-        print(f"{len(paths)} JPEGs of about {config.width}x{config.height} in {folder}; "
-              f"{config.image_size} px, batch {config.batch_size}, {config.rounds} rounds", flush=True)
+        print(f"{len(paths)} JPEGs of about {config.width}x{config.height} in {folder}, read {config.passes} times a "
+              f"pass; {config.image_size} px, batch {config.batch_size}, {config.rounds} rounds", flush=True)
         figures = {"input": bench_input(paths, config)}
         _print_input(figures["input"], config)
         if not config.skip_train:
@@ -270,12 +278,13 @@ def _print_input(result: dict, config: PipelineBenchConfig) -> None:
             print(f"  {name:<22}{r['images_per_second']:>11.1f}{r['images_per_second_median']:>14.1f}"
                   f"{r['cpu_ms_per_image']:>14.2f}")
     fmt = lambda v: "  n/a" if v is None else f"{v:5.2f}"  # noqa: E731
+    print(f"  {'':<38}{'best':>5}  {'median':>6}")
     for key, label, target in (
         ("pipeline_vs_ceiling", "pipeline / ceiling", "(target >= 0.90)"),
         ("pipeline_no_augment_vs_ceiling", "pipeline, no augmentation / ceiling", ""),
         ("pipeline_vs_legacy", "pipeline / legacy generator", "(target >= 3)"),
     ):
-        print(f"  {label:<38}{fmt(result[key])}  {target}")
+        print(f"  {label:<38}{fmt(result[key])}  {fmt(result[key + '_median_of_rounds'])}   {target}")
     print(f"  {'CPU time per image, ceiling / pipeline':<38}{fmt(result['cpu_ceiling_vs_pipeline'])}")
     if not config.skip_train:
         print(f"\ntraining at {config.image_size} px, stage 1, batch {config.train_batch_size}, "
@@ -288,6 +297,7 @@ def parse_args(argv: list[str] | None) -> PipelineBenchConfig:
     p.add_argument("--images", type=int, default=d.images)
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--passes", type=int, default=d.passes)
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--legacy-images", type=int, default=d.legacy_images)
     p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
@@ -297,7 +307,7 @@ def parse_args(argv: list[str] | None) -> PipelineBenchConfig:
     p.add_argument("--workdir", type=Path)
     a = p.parse_args(argv)
     return PipelineBenchConfig(
-        images=a.images, image_size=a.image_size, batch_size=a.batch_size, rounds=a.rounds,
+        images=a.images, image_size=a.image_size, batch_size=a.batch_size, passes=a.passes, rounds=a.rounds,
         legacy_images=a.legacy_images, train_batch_size=a.train_batch_size, train_steps=a.train_steps,
         backbones=tuple(b for b in a.backbones.split(",") if b), skip_train=a.skip_train, workdir=a.workdir,
     )

@@ -32,6 +32,19 @@ MAX_ROTATE_DEGREES = 15.0
 CACHE_SHUFFLE_BUFFER = 1024  # decoded images held for shuffling when --cache is on (uint8, ~270 KB each at 299 px)
 
 
+def pipeline_options() -> tf.data.Options:
+    """The tf.data options of the input pipeline: model-based autotuning off.
+
+    Measured on 2 CPU cores: with tf.data's autotuner on, whole passes over the data ran in a state that used about
+    1.2 cores (240 instead of 340 augmented images per second at 299 px, in 7 of 12 epochs; decode and resize
+    alone behaved alike). With it off, every pass ran at full speed. The benchmark's decode-and-resize ceiling
+    uses the same options, so the two are compared under the same tf.data settings.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
 def parse_augment(spec: str | Sequence[str]) -> tuple[str, ...]:
     """Turn "flip,translate" (or a list of names) into a tuple of known augmentation names; "none" gives ()."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
@@ -127,11 +140,11 @@ def _cache_file(cache_dir: str, paths: Sequence[str], image_size: int, tag: str)
 
 
 def _transforms(batch: tf.Tensor, size: int, augment: tuple[str, ...], seed: tf.Tensor) -> tf.Tensor:
-    """Per-image projective transforms (output pixel -> input pixel) for ImageProjectiveTransformV3, shape [B, 8].
+    """Per-image affine maps from output pixel to input pixel, rows (a00, a01, b0, a10, a11, b1), shape [B, 6].
 
     The forward map is u_out = t + R(theta) R90(k) F u_in in coordinates centred on the image; its inverse is
     u_in = F R90(k)^T R(theta)^T (u_out - t), because the flip F is its own inverse and rotations invert by
-    transposing. One transform per image does all the named augmentations in a single resampling pass.
+    transposing. One map per image does all the named augmentations in a single resampling pass.
     """
     u = tf.random.stateless_uniform([batch, 5], seed=seed)
     ones, zeros = tf.ones([batch]), tf.zeros([batch])
@@ -153,32 +166,55 @@ def _transforms(batch: tf.Tensor, size: int, augment: tuple[str, ...], seed: tf.
     # x_in = A (x_out - centre - t) + centre
     b0 = centre - a00 * x0 - a01 * y0
     b1 = centre - a10 * x0 - a11 * y0
-    return tf.stack([a00, a01, b0, a10, a11, b1, zeros, zeros], axis=1)
+    return tf.stack([a00, a01, b0, a10, a11, b1], axis=1)
 
 
-def augment_batch(images: tf.Tensor, augment: Sequence[str], seed: tf.Tensor) -> tf.Tensor:
+def _source_pixel(coordinate: tf.Tensor, size: int) -> tf.Tensor:
+    """The nearest pixel to each continuous coordinate (pixel centres at integers), reflected at the borders.
+
+    Reflection repeats the edge pixel (-1 -> 0, size -> size - 1), as OpenCV's BORDER_REFLECT and Keras's
+    "reflect" fill do; it holds for coordinates within one image side of the image, far beyond what the
+    augmentations reach, and anything further is clamped to the edge.
+    """
+    v = coordinate + 0.5  # pixel k now covers [k, k + 1)
+    v = size - tf.abs(size - tf.abs(v))  # mirror about 0 and about size
+    return tf.clip_by_value(tf.cast(v, tf.int32), 0, size - 1)  # v >= 0 here, so the cast is a floor
+
+
+@tf.function(jit_compile=True)
+def _resample(images: tf.Tensor, transforms: tf.Tensor, preprocessing: str | None) -> tf.Tensor:
+    """Nearest-neighbour resampling of square images [B, S, S, C] by per-image affine maps [B, 6], then (unless
+    `preprocessing` is None) the backbone's preprocessing.
+
+    Compiled with XLA, which fuses the index arithmetic, the gather and the preprocessing into one loop over the
+    output pixels: the augmentation then costs about what the preprocessing alone costs without XLA.
+    """
+    size = images.shape[1]
+    r = tf.range(size, dtype=tf.float32)
+    t = transforms[:, :, None, None]  # [B, 6, 1, 1]: broadcast against rows (y) and columns (x)
+    x = t[:, 0] * r[None, None, :] + t[:, 1] * r[None, :, None] + t[:, 2]
+    y = t[:, 3] * r[None, None, :] + t[:, 4] * r[None, :, None] + t[:, 5]
+    index = _source_pixel(y, size) * size + _source_pixel(x, size)  # [B, S, S] into the flattened image
+    shape = tf.shape(images)
+    flat = tf.reshape(images, [shape[0], size * size, shape[3]])
+    moved = tf.reshape(tf.gather(flat, tf.reshape(index, [shape[0], -1]), batch_dims=1), shape)
+    return moved if preprocessing is None else preprocess(moved, preprocessing)
+
+
+def augment_batch(
+    images: tf.Tensor, augment: Sequence[str], seed: tf.Tensor, preprocessing: str | None = None
+) -> tf.Tensor:
     """Randomly augment a batch of square uint8 RGB images [B, S, S, 3]; `seed` is a stateless seed of shape [2].
 
-    Nearest-neighbour sampling (torchvision's default for its random rotations and affines) on the three channels
-    packed into one int32: one sample per pixel instead of three, about 3x cheaper than bilinear on float32, which
-    matters on a CPU where this pass costs as much as the JPEG decode. Flips, quarter turns and integer shifts are
-    exact; borders are filled by reflection, so no black corners appear.
+    Returns uint8 images, or with `preprocessing` the backbone's float32 input (augmentation and preprocessing
+    in one pass). Nearest-neighbour sampling, torchvision's default for its random rotations and affines: flips,
+    quarter turns and integer shifts are exact, and no new pixel values appear. Borders are filled by
+    reflection, so no black corners appear.
     """
     augment = tuple(augment)
     if not augment:
-        return images
-    shape = tf.shape(images)
-    rgba = tf.concat([images, tf.zeros_like(images[..., :1])], axis=-1)
-    packed = tf.bitcast(rgba, tf.int32)[..., None]  # [B, S, S, 1]: R, G, B, 0 bytes in one word
-    moved = tf.raw_ops.ImageProjectiveTransformV3(
-        images=packed,
-        transforms=_transforms(shape[0], images.shape[1], augment, seed),
-        output_shape=shape[1:3],
-        fill_value=0.0,
-        interpolation="NEAREST",
-        fill_mode="REFLECT",
-    )
-    return tf.bitcast(moved[..., 0], tf.uint8)[..., :3]
+        return images if preprocessing is None else preprocess(images, preprocessing)
+    return _resample(images, _transforms(tf.shape(images)[0], images.shape[1], augment, seed), preprocessing)
 
 
 def make_dataset(
@@ -216,56 +252,63 @@ def make_dataset(
     label_array = np.zeros([n, 0], np.float32) if labels is None else np.asarray(labels, np.float32)
     seed = int(seed)
 
+    path_table, label_table = tf.constant(paths), tf.constant(label_array)
     if training and cache is None:
         # Shuffle the (cheap) file list before decoding: a full shuffle with no buffer of decoded images.
         if epoch is not None:
-            order = tf.data.Dataset.range(n).map(lambda i: _permuted(i, n, seed, epoch))
+            indices, pick = tf.data.Dataset.range(n), lambda i: _permuted(i, n, seed, epoch)
         else:
-            order = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        path_table, label_table = tf.constant(paths), tf.constant(label_array)
-        ds = order.map(lambda j: (tf.gather(path_table, j), tf.gather(label_table, j), j))
+            indices, pick = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True), tf.identity
     else:
         # In order for evaluation; for training with a cache, one fixed seeded permutation is cached and a
         # shuffle buffer mixes it anew each epoch.
         order = np.random.default_rng(seed).permutation(n) if training else np.arange(n)
-        ds = tf.data.Dataset.from_tensor_slices(([paths[i] for i in order], label_array[order], order.astype(np.int64)))
+        indices, pick = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)), tf.identity
+    # Without a cache or augmentation the preprocessing runs here, per image, while the image is still in the CPU
+    # cache; otherwise images stay uint8 (4x smaller to cache and batch) and are preprocessed later.
+    preprocess_now = cache is None and not augment
 
-    def decode(path, label, index):
-        return tf.cast(decode_resize(path, image_size), tf.uint8), label, index  # uint8: 4x smaller to cache and batch
+    def decode(i):
+        index = pick(i)
+        image = decode_resize(tf.gather(path_table, index), image_size)
+        image = preprocess(image, preprocessing) if preprocess_now else tf.cast(image, tf.uint8)
+        return image, tf.gather(label_table, index), index
 
     # A file that fails to read or decode raises inside the map and its element is dropped; `skips` learns which.
-    ds = ds.map(decode, num_parallel_calls=_PARALLEL).ignore_errors()
+    ds = indices.map(decode, num_parallel_calls=_PARALLEL).ignore_errors()
     if cache is not None:
         ds = ds.cache("" if cache == "memory" else _cache_file(cache, paths, image_size, cache_tag))
         if training:
             ds = ds.shuffle(min(n, CACHE_SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
-    if skips is not None:
-        if skips.size != n:
-            raise ValueError(f"make_dataset: SkipLog has size {skips.size}, expected {n}")
-        ds = ds.map(lambda image, label, index: (image, label, skips.mark_delivered(index)))
-    ds = ds.map(lambda image, label, index: (image, label))
-    ds = ds.batch(batch_size, drop_remainder=training)
+    if skips is not None and skips.size != n:
+        raise ValueError(f"make_dataset: SkipLog has size {skips.size}, expected {n}")
 
+    def deliver(image, label, index):
+        if skips is not None:
+            with tf.control_dependencies([skips.mark_delivered(index)]):
+                image = tf.identity(image)
+        if not augment and not preprocess_now:
+            image = preprocess(image, preprocessing)
+        return image, label
+
+    ds = ds.map(deliver, num_parallel_calls=_PARALLEL).batch(batch_size, drop_remainder=training)
     if augment:
-        # Per-batch augmentation keys: (seed, epoch) and the batch number, so each image's draw is reproducible.
-        keys = (
-            tf.data.Dataset.from_tensors(0).repeat().map(lambda _: epoch.read_value())
-            if epoch is not None
-            else tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        )
+        # The augmentation draws of a batch depend on (seed, epoch) and the batch number only, so a resumed run
+        # repeats them; the augmentation and the preprocessing are one pass over the batch.
+        def augment_and_preprocess(step, images, label, key):
+            return augment_batch(images, augment, tf.stack([key * 1_000_003 + seed, step]), preprocessing), label
 
-        def augment_and_preprocess(numbered, key):
-            step, (images, label) = numbered
-            images = augment_batch(images, augment, tf.stack([key * 1_000_003 + seed, step]))
-            return preprocess(tf.cast(images, tf.float32), preprocessing), label
-
-        ds = tf.data.Dataset.zip((ds.enumerate(), keys)).map(augment_and_preprocess, num_parallel_calls=_PARALLEL)
-    else:
-        ds = ds.map(lambda images, label: (preprocess(tf.cast(images, tf.float32), preprocessing), label),
-                    num_parallel_calls=_PARALLEL)
+        if epoch is not None:
+            ds = ds.enumerate().map(lambda step, batch: augment_and_preprocess(step, *batch, epoch.read_value()),
+                                    num_parallel_calls=_PARALLEL)
+        else:
+            keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+            ds = tf.data.Dataset.zip((ds.enumerate(), keys)).map(
+                lambda numbered, key: augment_and_preprocess(numbered[0], *numbered[1], key),
+                num_parallel_calls=_PARALLEL)
     if labels is None:
         ds = ds.map(lambda images, label: images)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
 
 
 def _permuted(i: tf.Tensor, n: int, seed: int, epoch: tf.Variable) -> tf.Tensor:

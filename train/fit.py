@@ -200,6 +200,19 @@ class _Run:
         return probs, delivered
 
 
+def _reseed_random_layers(model: keras.Model, epoch: int) -> None:
+    """Key the random layers (the head's Dropout) on the epoch, as the data's shuffle and augmentation are.
+
+    Keras's BackupAndRestore does not save the layers' SeedGenerator states, so a resumed run would otherwise draw
+    other dropout masks than the uninterrupted one from its first resumed epoch on. Each state is (seed, counter);
+    the counter, advanced once per training step, restarts every epoch at epoch * 2**20.
+    """
+    for variable in model.variables:
+        if variable.path.endswith("seed_generator_state"):
+            seed = int(keras.ops.convert_to_numpy(variable)[0])
+            variable.assign(np.array([seed, epoch << 20], dtype=variable.dtype))
+
+
 class _EpochMonitor(keras.callbacks.Callback):
     """Per epoch: advance the data epoch, stop on a NaN loss, then validate, record, keep the best model, report."""
 
@@ -213,6 +226,7 @@ class _EpochMonitor(keras.callbacks.Callback):
             self.first_epoch_of_fit = False
             self.run.restart_at(epoch)
         self.run.epoch.assign(epoch)
+        _reseed_random_layers(self.model, epoch)
         self.run.train_skips.reset()
         self.started = time.perf_counter()
         self.first_batch_done = None
