@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -157,11 +156,3 @@ def test_decompression_bomb_fails_fast_without_allocating_the_image(tmp_path):
     assert result["reason"] == "too_many_pixels"
     assert result["seconds"] < 0.5
     assert result["grew_kb"] < 50_000  # under 50 MB, against 900 MB for the decoded image
-
-
-def test_process_image_is_fast_enough_for_the_fast_path():
-    data = samples.jpeg(640, 480)
-    start = time.perf_counter()
-    for _ in range(20):
-        assert process_image(data, max_pixels=MAX_PIXELS).unchanged
-    assert (time.perf_counter() - start) / 20 < 0.02

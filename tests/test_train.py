@@ -406,13 +406,19 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(data, two_stage, tmp_p
     assert metrics["val_map"] == pytest.approx(history["val_map"].max(), abs=1e-4)
     for name in ("val_ids.csv", "classes.txt"):
         assert (out / name).read_text() == (reference / name).read_text()
-    # The resumed epochs trained from the restored weights on the same batches and augmentations: the same numbers
-    # as the uninterrupted run (to float noise; a resume that restored wrong weights or skipped ahead would not be).
-    ref_history = pd.read_csv(reference / "history.csv")
+    assert_same_numbers(out, reference)
+    assert metrics.keys() == json.loads((reference / "metrics.json").read_text()).keys()
+
+
+def assert_same_numbers(resumed: Path, reference: Path) -> None:
+    """The resumed epochs trained from the restored weights on the same batches, augmentations and dropout masks:
+    the same numbers as the uninterrupted run, to float noise. Two uninterrupted runs are bit for bit equal; a
+    resumed one was seen 1e-5 off in the loss, which Adam (its steps hardly depend on the gradient's size) can
+    carry to ~1e-3 in a probability over a resumed epoch. Other dropout masks moved the loss by 6%."""
+    history, ref_history = (pd.read_csv(d / "history.csv") for d in (resumed, reference))
+    assert history["epoch"].tolist() == ref_history["epoch"].tolist()
     for column in ("lr", "loss", "val_loss", "val_map"):
         np.testing.assert_allclose(history[column], ref_history[column], rtol=1e-3, atol=1e-4, err_msg=column)
-    ref_predictions = pd.read_csv(reference / "val_predictions.csv")
-    predictions = pd.read_csv(out / "val_predictions.csv")
+    predictions, ref_predictions = (pd.read_csv(d / "val_predictions.csv") for d in (resumed, reference))
     assert predictions["id"].tolist() == ref_predictions["id"].tolist()
-    np.testing.assert_allclose(predictions.drop(columns="id"), ref_predictions.drop(columns="id"), atol=1e-4)
-    assert metrics.keys() == json.loads((reference / "metrics.json").read_text()).keys()
+    np.testing.assert_allclose(predictions.drop(columns="id"), ref_predictions.drop(columns="id"), atol=2e-3)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.datagen import make_data_dir
-from tests.test_train import RUN_FILES, _cli, _config, _finish, _kill_when
+from tests.test_train import RUN_FILES, _cli, _config, _finish, _kill_when, assert_same_numbers
 from train.fit import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Your input ran out of data")]
@@ -42,6 +42,7 @@ def test_resume_after_kill_inside_stage_2(data, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 3
     assert metrics["best_epoch"] == int(history.loc[history["val_map"].idxmax(), "epoch"])
+    _assert_like_an_uninterrupted_run(args, out, tmp_path / "reference")
 
 
 def test_resume_after_kill_with_two_replicas(data, tmp_path):
@@ -53,6 +54,14 @@ def test_resume_after_kill_with_two_replicas(data, tmp_path):
     assert "2 replica(s)" in stdout and "(resuming)" in stdout
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
     assert {p.name for p in out.iterdir()} == RUN_FILES
+    _assert_like_an_uninterrupted_run(args, out, tmp_path / "reference")
+
+
+def _assert_like_an_uninterrupted_run(args: list[str], resumed, reference) -> None:
+    args = [reference if a == str(resumed) else a for a in args]
+    code, _, stderr = _finish(_cli([str(a) for a in args]), timeout=600)
+    assert code == 0, stderr
+    assert_same_numbers(resumed, reference)
 
 
 def test_inception_resnet_v2_full_run_saves_a_safe_mode_model(data, tmp_path):
