@@ -165,6 +165,7 @@ def bench_input(paths: list[str], config: PipelineBenchConfig) -> dict:
     paths = paths[: max(len(paths) // config.batch_size, 1) * config.batch_size]
     rng = np.random.default_rng(config.seed)
     labels = (rng.random((len(paths), config.n_classes)) < 0.3).astype(np.float32)
+
     def pipeline(augment: tuple[str, ...]) -> tf.data.Dataset:
         ds = make_dataset(paths, labels, image_size=config.image_size, preprocessing="inception",
                           batch_size=config.batch_size, training=True, augment=augment, seed=config.seed,
