@@ -28,14 +28,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from crawl.manifest import (
-    FAILED_COLUMNS,
-    JD_FASHION_CLASSES,
-    MANIFEST_COLUMNS,
-    atomic_write_csv,
-    atomic_write_json,
-    atomic_write_text,
-)
+from common.atomic import atomic_write_csv, atomic_write_json, atomic_write_text
+from crawl.manifest import FAILED_COLUMNS, JD_FASHION_CLASSES, MANIFEST_COLUMNS
 from predict.inference import image_dataset, predict_run
 from predict.runs import load_run
 from train.backbones import get_backbone

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.atomic import atomic_write_csv, atomic_write_json
 from crawl import manifest as mf
 from crawl.fetch import FetchConfig, Fetcher, FetchFailed, Interrupted
 from crawl.images import ImageRejected, configure_pil, process_image, verify_stored
@@ -341,7 +342,7 @@ class _Crawl:
                     [item.id, result.path, item.url, result.sha256, result.width, result.height, *item.labels]
                 )
         frame = pd.DataFrame(rows, columns=mf.MANIFEST_COLUMNS + classes)
-        mf.atomic_write_csv(self.out_dir / mf.MANIFEST_FILE, frame)
+        atomic_write_csv(self.out_dir / mf.MANIFEST_FILE, frame)
 
     def _write_failed(self) -> None:
         rows = []
@@ -351,7 +352,7 @@ class _Crawl:
                 rows.append([item.id, item.url, result.reason, result.detail, result.attempts])
             elif result is None:
                 rows.append([item.id, item.url, "interrupted", "the run stopped before this id was done", 0])
-        mf.atomic_write_csv(self.out_dir / mf.FAILED_FILE, pd.DataFrame(rows, columns=mf.FAILED_COLUMNS))
+        atomic_write_csv(self.out_dir / mf.FAILED_FILE, pd.DataFrame(rows, columns=mf.FAILED_COLUMNS))
 
     def _duplicates(self) -> list[list[str]]:
         by_hash: dict[str, list[str]] = {}
@@ -404,13 +405,13 @@ class _Crawl:
 
     def _checkpoint(self) -> None:
         self._write_manifest()
-        mf.atomic_write_json(self.out_dir / mf.SUMMARY_FILE, self.summary("running"))
+        atomic_write_json(self.out_dir / mf.SUMMARY_FILE, self.summary("running"))
 
     def _finish(self, status: str) -> dict:
         self._write_manifest()
         self._write_failed()
         summary = self.summary(status)
-        mf.atomic_write_json(self.out_dir / mf.SUMMARY_FILE, summary)
+        atomic_write_json(self.out_dir / mf.SUMMARY_FILE, summary)
         return summary
 
     # -- the run -------------------------------------------------------------------------------------------------
@@ -514,7 +515,7 @@ def _prepare_out_dir(out_dir: Path, parsed: ParsedList) -> None:
         leftover.unlink(missing_ok=True)
     columns = ["id", "url"] + parsed.classes
     rows = [[item.id, item.url, *item.labels] for item in parsed.items]
-    mf.atomic_write_csv(out_dir / mf.LIST_FILE, pd.DataFrame(rows, columns=columns))
+    atomic_write_csv(out_dir / mf.LIST_FILE, pd.DataFrame(rows, columns=columns))
     if parsed.labelled:
         mf.write_classes(out_dir, parsed.classes)
     else:

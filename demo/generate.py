@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from crawl.manifest import atomic_write_text
+from common.atomic import atomic_write_text
 
 GARMENTS = ["top", "dress", "trousers"]
 COLOURS = {"red": (40, 40, 210), "blue": (200, 70, 30), "green": (50, 170, 40), "yellow": (30, 210, 230)}  # BGR

@@ -11,6 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+from common.tf_logging import quiet_tensorflow_startup
+
+quiet_tensorflow_startup()  # before the first TensorFlow import below
+
 from crawl.manifest import DataDirError
 from predict.errors import PredictError
 from predict.tta import MAX_TTA

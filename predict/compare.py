@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from crawl.manifest import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from common.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from predict.errors import PredictError
 from predict.evaluate import load_labelled
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble

@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from crawl.manifest import atomic_write_json, read_data_dir
+from common.atomic import atomic_write_json
+from crawl.manifest import read_data_dir
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
 from predict.runs import load_runs

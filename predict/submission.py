@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from crawl.manifest import LIST_FILE, atomic_write_text, read_data_dir
+from common.atomic import atomic_write_text
+from crawl.manifest import LIST_FILE, read_data_dir
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
 from predict.runs import load_runs

@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from crawl.manifest import IMAGES_DIR, MANIFEST_COLUMNS, atomic_write_csv, write_classes
+from common.atomic import atomic_write_csv
+from crawl.manifest import IMAGES_DIR, MANIFEST_COLUMNS, write_classes
 
 # name -> (BGR colour, shape); strongly different colours keep the task easy at 75 px.
 SHAPES = {

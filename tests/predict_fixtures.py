@@ -19,14 +19,8 @@ import keras
 import numpy as np
 import pandas as pd
 
-from crawl.manifest import (
-    FAILED_COLUMNS,
-    MANIFEST_COLUMNS,
-    atomic_write_csv,
-    atomic_write_json,
-    atomic_write_text,
-    write_classes,
-)
+from common.atomic import atomic_write_csv, atomic_write_json, atomic_write_text
+from crawl.manifest import FAILED_COLUMNS, MANIFEST_COLUMNS, write_classes
 
 CLASSES = ["red_ish", "green_ish", "blue_ish"]
 

@@ -10,6 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.tf_logging import quiet_tensorflow_startup
+
+quiet_tensorflow_startup()  # before the first TensorFlow import below
+
 from train.config import TrainConfig
 
 _DEFAULTS = TrainConfig(data_dir=Path("."), backbone="", out=Path("."))

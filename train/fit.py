@@ -27,14 +27,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from crawl.manifest import (
-    DataDirError,
-    atomic_write_csv,
-    atomic_write_json,
-    manifest_sha256,
-    read_data_dir,
-    write_classes,
-)
+from common.atomic import atomic_write_csv, atomic_write_json
+from crawl.manifest import DataDirError, manifest_sha256, read_data_dir, write_classes
 from train.backbones import get_backbone
 from train.config import RUNTIME_SETTINGS, ConfigError, TrainConfig
 from train.data import SkipLog, make_dataset

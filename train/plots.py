@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from crawl.manifest import atomic_write_bytes  # noqa: E402
+from common.atomic import atomic_write_bytes  # noqa: E402
 
 
 def plot_curves(history: pd.DataFrame, frozen_epochs: int, path: str | Path, title: str = "") -> None:
