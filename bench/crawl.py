@@ -3,7 +3,7 @@
 A separate process serves N JPEGs of about 100 KB from memory with a configurable added latency per request (a
 threaded server, so the latency overlaps across connections like real hosts). For each latency the same list is
 downloaded by `crawl.crawler.crawl` (thread pool, pooled keep-alive connections, validation, hashing, atomic
-writes, manifest; the median of a few runs into fresh directories) and once by the reference entry's approach, a
+writes, manifest; the median of a few runs into fresh directories) and once by the simplest baseline, a
 sequential `urllib.request.urlopen` loop that writes each body to a file. The crawler's stored files are checked
 to be the served bytes, unchanged.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import statistics
 import subprocess
@@ -26,10 +25,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from PIL import Image
 
+from common.synthetic import jpeg_bytes, photo, with_jpeg_comment
+from crawl import manifest as mf
 from crawl.crawler import CrawlConfig, crawl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,25 +51,13 @@ class CrawlBenchConfig:
 
 
 def make_jpegs(n: int, distinct: int = 16, seed: int = 0) -> list[bytes]:
-    """n unique baseline JPEGs of about 100 KB (640x480, noisy gradients, quality 85)."""
-    rng = np.random.default_rng(seed)
-    height, width = 480, 640
-    y, x = np.mgrid[0:height, 0:width]
-    bases = []
-    for k in range(min(n, distinct)):
-        phase = k * 37
-        gradient = np.stack([(x + phase) % 256, (y + 2 * phase) % 256, (x + y + 3 * phase) % 256], axis=-1)
-        pixels = np.clip(gradient + rng.normal(0, 16, (height, width, 3)), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
-        bases.append(buffer.getvalue())
-    images = []
-    for k in range(n):
-        base = bases[k % len(bases)]
-        comment = f"bench image {k}".encode()
-        segment = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
-        images.append(base[:2] + segment + base[2:])  # right after SOI: still a plain baseline JPEG
-    return images
+    """n unique baseline JPEGs of about 100 KB (640x480 synthetic photos, quality 85).
+
+    Only `distinct` pictures are drawn; each served file still differs, by a comment segment holding its index
+    (after the start marker: still a plain baseline JPEG, which the crawler stores byte for byte).
+    """
+    bases = [jpeg_bytes(photo(480, 640, seed=(seed, k), noise=15.0), quality=85) for k in range(min(n, distinct))]
+    return [with_jpeg_comment(bases[k % len(bases)], f"bench image {k}".encode()) for k in range(n)]
 
 
 def serve_forever(root: str, latency: float) -> None:
@@ -85,7 +72,7 @@ def serve_forever(root: str, latency: float) -> None:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:  # the name http.server calls
             body = files.get(self.path)
             if latency:
                 time.sleep(latency)
@@ -98,7 +85,7 @@ def serve_forever(root: str, latency: float) -> None:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format, *args) -> None:  # noqa: A002
+        def log_message(self, format, *args) -> None:
             pass
 
     class Server(ThreadingHTTPServer):
@@ -134,7 +121,7 @@ class ImageServer:
 
 
 def sequential_urllib(urls: list[str], out_dir: Path) -> float:
-    """The reference entry's loop: one urlopen per image, one after the other. Returns seconds."""
+    """The baseline: one urlopen per image, one after the other, each body written to a file. Returns seconds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for k, url in enumerate(urls):
@@ -157,15 +144,16 @@ def run_once(work: Path, names: list[str], served: dict[str, bytes], latency: fl
         for repeat in range(config.repeats):
             out_dir = work / f"crawl-{tag}-{repeat}"
             start = time.perf_counter()
-            summary = crawl(CrawlConfig(list_path, out_dir, workers=config.workers, progress="off"))
+            summary = crawl(
+                CrawlConfig(list_path=list_path, out_dir=out_dir, workers=config.workers, progress="off")
+            )
             runs.append(time.perf_counter() - start)
         crawl_seconds = statistics.median(runs)
-        manifest = pd.read_csv(out_dir / "manifest.csv", dtype=str)
         expected = {n.rsplit(".", 1)[0]: hashlib.sha256(served[n]).hexdigest() for n in names}
         unchanged = sum(
-            row["sha256"] == expected[row["id"]]
-            and hashlib.sha256((out_dir / row["path"]).read_bytes()).hexdigest() == expected[row["id"]]
-            for row in manifest.to_dict("records")
+            row.sha256 == expected[row.id]
+            and hashlib.sha256((out_dir / row.path).read_bytes()).hexdigest() == expected[row.id]
+            for row in mf.read_stored_rows(out_dir).values()
         )
         baseline_urls = urls[: config.baseline_limit] if config.baseline_limit else urls
         sequential_seconds = sequential_urllib(baseline_urls, work / f"sequential-{tag}")
@@ -227,7 +215,7 @@ def run(config: CrawlBenchConfig) -> list[dict]:
         served_dir = work / "served"
         served_dir.mkdir()
         names = [f"img{k:05d}.jpg" for k in range(len(images))]
-        served = dict(zip(names, images))
+        served = dict(zip(names, images, strict=True))
         for name, data in served.items():
             (served_dir / name).write_bytes(data)
         results = [run_once(work, names, served, latency, config) for latency in config.latencies]

@@ -12,7 +12,12 @@ from crawl.listfile import ListError
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
 
+_DEFAULTS = CrawlConfig(list_path=Path("."), out_dir=Path("."))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m crawl`, with CrawlConfig's defaults."""
+    d = _DEFAULTS
     reasons = "\n".join(f"  {name:16} {meaning}" for name, meaning in FAILURE_REASONS.items())
     parser = argparse.ArgumentParser(
         prog="python -m crawl",
@@ -22,25 +27,35 @@ def build_parser() -> argparse.ArgumentParser:
         "2 bad input or usage, 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("list", type=Path, help="JD headerless CSV (id,url[,flags]) or a CSV/TSV with a url column")
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the DATA_DIR to write (created if needed)")
-    parser.add_argument("--classes", type=Path, help="class names, one per line, in flag order")
-    parser.add_argument("--workers", type=int, default=32, help="concurrent downloads (default 32)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="connect and read timeout in seconds (10)")
-    parser.add_argument("--deadline", type=float, help="wall-clock limit of one attempt in seconds (3 x --timeout)")
-    parser.add_argument("--retries", type=int, default=3, help="retries after the first attempt (3)")
-    parser.add_argument("--max-bytes", type=int, default=20_000_000, help="largest accepted body (20000000)")
-    parser.add_argument("--max-pixels", type=int, default=50_000_000, help="largest accepted width x height")
-    parser.add_argument("--max-side", type=int, default=0, help="downsize images whose longer side is larger (0: keep)")
-    parser.add_argument(
-        "--checkpoint-every", type=float, default=5.0, help="seconds between manifest rewrites during the crawl (5)"
+    add = parser.add_argument
+    add("list", type=Path, help="JD headerless CSV (id,url[,flags]) or a CSV/TSV with a url column")
+    add("out_dir", type=Path, metavar="OUT_DIR", help="the DATA_DIR to write (created if needed)")
+    add("--classes", type=Path, help="class names, one per line, in flag order")
+    add("--workers", type=int, default=d.workers, help=f"concurrent downloads (default {d.workers})")
+    add("--timeout", type=float, default=d.timeout, help=f"connect and read timeout in seconds ({d.timeout:g})")
+    add("--deadline", type=float, default=d.deadline, help="wall-clock limit of one attempt in seconds (3 x --timeout)")
+    add("--retries", type=int, default=d.retries, help=f"retries after the first attempt ({d.retries})")
+    add("--max-bytes", type=int, default=d.max_bytes, help=f"largest accepted body ({d.max_bytes})")
+    add("--max-pixels", type=int, default=d.max_pixels, help=f"largest accepted width x height ({d.max_pixels})")
+    add(
+        "--max-side",
+        type=int,
+        default=d.max_side,
+        help=f"downsize images whose longer side is larger ({d.max_side}: keep)",
+    )
+    add(
+        "--checkpoint-every",
+        type=float,
+        default=d.checkpoint_every,
+        help=f"seconds between manifest rewrites during the crawl ({d.checkpoint_every:g})",
     )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> CrawlConfig:
+    """The command line as a CrawlConfig (validated by `crawl`, where it is used)."""
     args = build_parser().parse_args(argv)
-    config = CrawlConfig(
+    return CrawlConfig(
         list_path=args.list,
         out_dir=args.out_dir,
         classes_path=args.classes,
@@ -53,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         max_side=args.max_side,
         checkpoint_every=args.checkpoint_every,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
     try:
         crawl(config)
     except ListError as exc:

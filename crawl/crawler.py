@@ -20,12 +20,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
-
-from common.atomic import atomic_write_csv, atomic_write_json
 from crawl import manifest as mf
 from crawl.fetch import FetchConfig, Fetcher, FetchFailed, Interrupted
 from crawl.images import ImageRejected, configure_pil, process_image, verify_stored
@@ -198,11 +195,11 @@ class _Crawl:
         self.stems = {item.id: safe_stem(item.id, item.url) for item in parsed.items}
         self.results: dict[str, _Stored | _Failed] = {}
         self.stop = threading.Event()
-        self.previous = self._read_previous_manifest()
+        self.previous = mf.read_stored_rows(self.out_dir)
         # One listing instead of two failed opens per id when checking for files of an earlier run.
         self.on_disk = set(os.listdir(self.images_dir)) if self.images_dir.is_dir() else set()
         self.trust_files = self._previous_settings_match()
-        self.started_wall = datetime.now(timezone.utc)
+        self.started_wall = datetime.now(UTC)
         self.started = time.monotonic()
         self.fetcher = Fetcher(
             FetchConfig(
@@ -218,26 +215,11 @@ class _Crawl:
 
     # -- state from an earlier run -------------------------------------------------------------------------------
 
-    def _read_previous_manifest(self) -> dict[str, dict[str, str]]:
-        path = self.out_dir / mf.MANIFEST_FILE
-        if not path.exists():
-            return {}
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except Exception:  # an unreadable old manifest only means we re-hash the files
-            return {}
-        if not set(mf.MANIFEST_COLUMNS) <= set(frame.columns):
-            return {}
-        return {row["id"]: row for row in frame[mf.MANIFEST_COLUMNS].to_dict("records")}
-
     def _previous_settings_match(self) -> bool:
         """Stored files are reused only if they were made with the same --max-side."""
-        path = self.out_dir / mf.SUMMARY_FILE
-        if not path.exists():
-            return True
-        try:
-            settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        except (OSError, ValueError, AttributeError):
+        summary = mf.read_summary(self.out_dir)
+        settings = summary.get("settings") if summary is not None else None
+        if not isinstance(settings, dict):
             return True
         return int(settings.get("max_side", self.config.max_side)) == self.config.max_side
 
@@ -249,10 +231,10 @@ class _Crawl:
             return None
         stem = self.stems[item.id]
         previous = self.previous.get(item.id)
-        candidates = [f"{mf.IMAGES_DIR}/{stem}{ext}" for ext in (".jpg", ".png")]
-        if previous is not None and previous["path"] in candidates:
-            candidates.remove(previous["path"])
-            candidates.insert(0, previous["path"])
+        candidates = [mf.image_path(stem, ext) for ext in (".jpg", ".png")]
+        if previous is not None and previous.path in candidates:
+            candidates.remove(previous.path)
+            candidates.insert(0, previous.path)
         for rel in candidates:
             if rel.rsplit("/", 1)[-1] not in self.on_disk:
                 continue
@@ -262,10 +244,10 @@ class _Crawl:
             except FileNotFoundError:
                 continue
             sha = hashlib.sha256(data).hexdigest()
-            if previous is not None and previous["path"] == rel:
-                if previous["sha256"] != sha:
+            if previous is not None and previous.path == rel:
+                if previous.sha256 != sha:
                     continue  # damaged since it was recorded: download again
-                width, height = int(previous["width"]), int(previous["height"])
+                width, height = previous.width, previous.height
             else:
                 # On disk but not in the manifest: a crash came between the rename and the manifest write.
                 # Renamed files are complete; still, check that it decodes before trusting it.
@@ -276,7 +258,16 @@ class _Crawl:
             cfg = self.config
             if width * height > cfg.max_pixels or (cfg.max_side and max(width, height) > cfg.max_side):
                 continue  # stored under other limits: download again
-            return _Stored(item, rel, sha, width, height, len(data), resumed=True, converted=False)
+            return _Stored(
+                item=item,
+                path=rel,
+                sha256=sha,
+                width=width,
+                height=height,
+                size=len(data),
+                resumed=True,
+                converted=False,
+            )
         return None
 
     def _process(self, item: ListItem) -> _Stored | _Failed:
@@ -286,16 +277,16 @@ class _Crawl:
         try:
             download = self.fetcher.get(item.url)
         except FetchFailed as failure:
-            return _Failed(item, failure.reason, failure.detail, failure.attempts)
+            return _Failed(item=item, reason=failure.reason, detail=failure.detail, attempts=failure.attempts)
         cfg = self.config
         try:
             image = process_image(
                 download.data, max_pixels=cfg.max_pixels, max_side=cfg.max_side, content_type=download.content_type
             )
         except ImageRejected as rejected:
-            return _Failed(item, rejected.reason, rejected.detail, download.attempts)
+            return _Failed(item=item, reason=rejected.reason, detail=rejected.detail, attempts=download.attempts)
         stem = self.stems[item.id]
-        rel = f"{mf.IMAGES_DIR}/{stem}{image.extension}"
+        rel = mf.image_path(stem, image.extension)
         final = self.out_dir / rel
         tmp = self.images_dir / f".{stem}.{os.getpid()}-{threading.get_ident()}.tmp"
         with open(tmp, "wb") as handle:
@@ -305,12 +296,12 @@ class _Crawl:
         if other.name in self.on_disk:
             other.unlink(missing_ok=True)  # a stale copy from a run where the server sent another format
         return _Stored(
-            item,
-            rel,
-            hashlib.sha256(image.data).hexdigest(),
-            image.width,
-            image.height,
-            len(image.data),
+            item=item,
+            path=rel,
+            sha256=hashlib.sha256(image.data).hexdigest(),
+            width=image.width,
+            height=image.height,
+            size=len(image.data),
             resumed=False,
             converted=not image.unchanged,
         )
@@ -325,7 +316,7 @@ class _Crawl:
                 result = self._process(item)
             except Interrupted:
                 return
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread, which stops the crawl
+            except BaseException as exc:  # reported by the main thread, which stops the crawl
                 results.put(_Crash(item, exc))
                 return
             results.put(result)
@@ -333,26 +324,35 @@ class _Crawl:
     # -- outputs -------------------------------------------------------------------------------------------------
 
     def _write_manifest(self) -> None:
-        classes = self.parsed.classes
         rows = []
         for item in self.parsed.items:
             result = self.results.get(item.id)
             if isinstance(result, _Stored):
                 rows.append(
-                    [item.id, result.path, item.url, result.sha256, result.width, result.height, *item.labels]
+                    mf.ManifestRow(
+                        id=item.id,
+                        path=result.path,
+                        url=item.url,
+                        sha256=result.sha256,
+                        width=result.width,
+                        height=result.height,
+                        labels=item.labels,
+                    )
                 )
-        frame = pd.DataFrame(rows, columns=mf.MANIFEST_COLUMNS + classes)
-        atomic_write_csv(self.out_dir / mf.MANIFEST_FILE, frame)
+        mf.write_manifest(self.out_dir, rows, self.parsed.classes)
 
     def _write_failed(self) -> None:
         rows = []
         for item in self.parsed.items:
             result = self.results.get(item.id)
             if isinstance(result, _Failed):
-                rows.append([item.id, item.url, result.reason, result.detail, result.attempts])
+                reason, detail, attempts = result.reason, result.detail, result.attempts
             elif result is None:
-                rows.append([item.id, item.url, "interrupted", "the run stopped before this id was done", 0])
-        atomic_write_csv(self.out_dir / mf.FAILED_FILE, pd.DataFrame(rows, columns=mf.FAILED_COLUMNS))
+                reason, detail, attempts = "interrupted", "the run stopped before this id was done", 0
+            else:
+                continue
+            rows.append(mf.FailedRow(id=item.id, url=item.url, reason=reason, detail=detail, attempts=attempts))
+        mf.write_failed(self.out_dir, rows)
 
     def _duplicates(self) -> list[list[str]]:
         by_hash: dict[str, list[str]] = {}
@@ -400,18 +400,18 @@ class _Crawl:
                 "max_side": cfg.max_side,
             },
             "started": self.started_wall.isoformat(timespec="seconds"),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds") if status != "running" else None,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds") if status != "running" else None,
         }
 
     def _checkpoint(self) -> None:
         self._write_manifest()
-        atomic_write_json(self.out_dir / mf.SUMMARY_FILE, self.summary("running"))
+        mf.write_summary(self.out_dir, self.summary("running"))
 
     def _finish(self, status: str) -> dict:
         self._write_manifest()
         self._write_failed()
         summary = self.summary(status)
-        atomic_write_json(self.out_dir / mf.SUMMARY_FILE, summary)
+        mf.write_summary(self.out_dir, summary)
         return summary
 
     # -- the run -------------------------------------------------------------------------------------------------
@@ -513,13 +513,7 @@ def _prepare_out_dir(out_dir: Path, parsed: ParsedList) -> None:
     images.mkdir(parents=True, exist_ok=True)
     for leftover in images.glob(".*.tmp"):  # partial files of a killed run
         leftover.unlink(missing_ok=True)
-    columns = ["id", "url"] + parsed.classes
-    rows = [[item.id, item.url, *item.labels] for item in parsed.items]
-    atomic_write_csv(out_dir / mf.LIST_FILE, pd.DataFrame(rows, columns=columns))
-    if parsed.labelled:
-        mf.write_classes(out_dir, parsed.classes)
-    else:
-        (out_dir / mf.CLASSES_FILE).unlink(missing_ok=True)  # a labelled list crawled here before
+    mf.write_list(out_dir, parsed.items, parsed.classes)
 
 
 def crawl(config: CrawlConfig) -> dict:
@@ -539,8 +533,7 @@ def crawl(config: CrawlConfig) -> dict:
         stems[stem] = item.id
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(out_dir / LOCK_FILE, "w")
-    try:
+    with open(out_dir / LOCK_FILE, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -548,8 +541,6 @@ def crawl(config: CrawlConfig) -> dict:
         configure_pil(config.max_pixels)
         _prepare_out_dir(out_dir, parsed)
         return _Crawl(config, parsed).run()
-    finally:
-        lock.close()
 
 
 __all__ = [

@@ -9,6 +9,7 @@ chunks would still wait out one full read timeout.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import heapq
 import itertools
@@ -103,10 +104,8 @@ def _shutdown(conn) -> bool:
     sock = getattr(conn, "sock", None)
     if sock is None:
         return False
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     return True
 
 

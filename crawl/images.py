@@ -36,7 +36,7 @@ _MAGIC = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
-_SOF_MARKERS = {m for m in range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}  # start-of-frame codes (C4/C8/CC are not SOFs)
+_SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame codes (C4/C8/CC are not SOFs)
 _PLAIN_JPEG_SOFS = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman, 8-bit)
 _ORIENTATION_TAG = 0x0112
 
@@ -219,12 +219,12 @@ def process_image(
             orientation = im.getexif().get(_ORIENTATION_TAG, 1)
         except Exception:  # a broken EXIF block should not reject an otherwise fine image
             orientation = 1
-        if jpeg.sof in _PLAIN_JPEG_SOFS and jpeg.components == 3 and im.mode == "RGB" and orientation == 1:
-            if not too_big:
-                # Keep the bytes; decode at 1/8 scale (libjpeg skips most of the inverse DCT) to prove they decode.
-                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                _load(im)
-                return StoredImage(data, ".jpg", width, height, unchanged=True, source_format=fmt)
+        plain = jpeg.sof in _PLAIN_JPEG_SOFS and jpeg.components == 3 and im.mode == "RGB" and orientation == 1
+        if plain and not too_big:
+            # Keep the bytes; decode at 1/8 scale (libjpeg skips most of the inverse DCT) to prove they decode.
+            im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            _load(im)
+            return StoredImage(data, ".jpg", width, height, unchanged=True, source_format=fmt)
         if too_big:
             # Let libjpeg decode at the smallest power-of-two scale that is still at least max_side.
             im.draft(None, (max_side, max_side))

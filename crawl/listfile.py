@@ -56,7 +56,6 @@ class ParsedList:
         return bool(self.classes)
 
 
-
 def read_classes_file(path: str | Path) -> list[str]:
     """Class names from a file with one per line (blank lines ignored); raises ListError on duplicates or emptiness."""
     path = Path(path)
@@ -103,6 +102,16 @@ def _records(text: str, delimiter: str):
 
 def _is_header(fields: list[str]) -> bool:
     return any(f.lower() == "url" for f in fields)
+
+
+def _check_id_url(where: str, item_id: str | None, url: str, errors: list[str]) -> bool:
+    """Report an empty id and an empty url of one row, in that order; True when the row has both.
+
+    `item_id` is None for a headered list without an id column: there the id is the URL and only the URL is checked.
+    """
+    empty = [name for name, value in (("id", item_id), ("url", url)) if value == ""]
+    errors.extend(f"{where}: empty {name}" for name in empty)
+    return not empty
 
 
 def _check_flag(value: str, where: str, column: str, errors: list[str]) -> int:
@@ -171,13 +180,7 @@ def _parse_jd(path, records, given_classes, classes_path):
             errors.append(f"{where}: expected {n_fields} fields ({shape}), found {len(fields)}")
             continue
         item_id, url = fields[0], fields[1]
-        bad = False
-        if not item_id:
-            errors.append(f"{where}: empty id")
-            bad = True
-        if not url:
-            errors.append(f"{where}: empty url")
-            bad = True
+        bad = not _check_id_url(where, item_id, url, errors)
         flags = tuple(_check_flag(v, where, classes[k], errors) for k, v in enumerate(fields[2:]))
         if bad or any(v not in ("0", "1") for v in fields[2:]):
             continue
@@ -234,14 +237,9 @@ def _parse_headered(path, records, given_classes, classes_path):
             errors.append(f"{where}: expected {n_fields} fields like the header, found {len(fields)}")
             continue
         url = fields[url_col]
-        item_id = fields[id_col] if id_col is not None else url
-        bad = False
-        if not url:
-            errors.append(f"{where}: empty url")
-            bad = True
-        elif not item_id:
-            errors.append(f"{where}: empty id")
-            bad = True
+        given_id = fields[id_col] if id_col is not None else None
+        bad = not _check_id_url(where, given_id, url, errors)
+        item_id = given_id if given_id is not None else url
         if labels_col is not None:
             names = [n for n in _LABEL_SPLIT.split(fields[labels_col]) if n]
             if given_classes is not None:

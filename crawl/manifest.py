@@ -15,13 +15,17 @@ Nothing here imports TensorFlow: the crawl stage runs on machines without it.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_csv, atomic_write_json, atomic_write_text
 
 LIST_FILE = "list.csv"
 CLASSES_FILE = "classes.txt"
@@ -86,7 +90,139 @@ class DataDir:
         return [i for i in self.items["id"] if i not in stored]
 
 
-def write_classes(root: str | os.PathLike, classes: list[str]) -> None:
+@dataclass(frozen=True)
+class ListRow:
+    """One row of list.csv: an id of the input list, its URL and its 0/1 labels in class order (empty if unlabelled)."""
+
+    id: str
+    url: str
+    labels: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One row of manifest.csv: a stored image, its path relative to the DATA_DIR, hash, size and labels."""
+
+    id: str
+    path: str
+    url: str
+    sha256: str
+    width: int
+    height: int
+    labels: tuple[int, ...] = ()
+
+    @classmethod
+    def of_file(
+        cls, data: bytes, *, id: str, path: str, url: str, width: int, height: int, labels: Sequence[int] = ()
+    ) -> ManifestRow:
+        """The row of an image stored at `path` whose file holds `data` (its sha256 is computed here)."""
+        return cls(
+            id=id,
+            path=path,
+            url=url,
+            sha256=hashlib.sha256(data).hexdigest(),
+            width=width,
+            height=height,
+            labels=tuple(int(v) for v in labels),
+        )
+
+
+@dataclass(frozen=True)
+class FailedRow:
+    """One row of failed.csv: an id without a stored image, why (a crawl.crawler.FAILURE_REASONS key) and tries."""
+
+    id: str
+    url: str
+    reason: str
+    detail: str
+    attempts: int
+
+
+class _ListEntry(Protocol):
+    """What list.csv needs of an entry: ListRow, or crawl.listfile.ListItem as parsed."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def labels(self) -> tuple[int, ...]: ...
+
+
+def image_path(stem: str, extension: str) -> str:
+    """The manifest `path` of a stored image: relative to the DATA_DIR, posix, under images/."""
+    return f"{IMAGES_DIR}/{stem}{extension}"
+
+
+def _write_rows(path: Path, columns: list[str], rows: list[list]) -> None:
+    atomic_write_csv(path, pd.DataFrame(rows, columns=columns))
+
+
+def write_list(root: str | os.PathLike, entries: Iterable[_ListEntry], classes: Sequence[str]) -> None:
+    """Write list.csv (every id of the input list, in order) and classes.txt, or remove a stale classes.txt when the
+    list is unlabelled (an earlier labelled list may have been crawled into the same folder)."""
+    root = Path(root)
+    classes = list(classes)
+    _write_rows(root / LIST_FILE, ["id", "url"] + classes, [[e.id, e.url, *e.labels] for e in entries])
+    if classes:
+        write_classes(root, classes)
+    else:
+        (root / CLASSES_FILE).unlink(missing_ok=True)
+
+
+def write_manifest(root: str | os.PathLike, rows: Iterable[ManifestRow], classes: Sequence[str]) -> None:
+    """Write manifest.csv: one row per stored image, in the given (list) order."""
+    _write_rows(
+        Path(root) / MANIFEST_FILE,
+        MANIFEST_COLUMNS + list(classes),
+        [[r.id, r.path, r.url, r.sha256, r.width, r.height, *r.labels] for r in rows],
+    )
+
+
+def write_failed(root: str | os.PathLike, rows: Iterable[FailedRow]) -> None:
+    """Write failed.csv: one row per id of the list that has no stored image."""
+    _write_rows(
+        Path(root) / FAILED_FILE, FAILED_COLUMNS, [[r.id, r.url, r.reason, r.detail, r.attempts] for r in rows]
+    )
+
+
+def write_summary(root: str | os.PathLike, summary: dict) -> None:
+    """Write crawl.json, the run summary."""
+    atomic_write_json(Path(root) / SUMMARY_FILE, summary)
+
+
+def read_summary(root: str | os.PathLike) -> dict | None:
+    """crawl.json as a dict, or None when it is missing or not a JSON object (a crawl killed before writing it)."""
+    try:
+        summary = json.loads((Path(root) / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def write_data_dir(
+    root: str | os.PathLike,
+    *,
+    classes: Sequence[str],
+    entries: Iterable[_ListEntry],
+    stored: Iterable[ManifestRow],
+    failed: Iterable[FailedRow] = (),
+    summary: dict | None = None,
+) -> Path:
+    """Write a whole DATA_DIR's tables at once (the image files must already be under images/), as a crawl would
+    leave it: list.csv, classes.txt, manifest.csv, failed.csv and, if given, crawl.json."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_list(root, entries, classes)
+    write_manifest(root, stored, classes)
+    write_failed(root, failed)
+    if summary is not None:
+        write_summary(root, summary)
+    return root
+
+
+def write_classes(root: str | os.PathLike, classes: Sequence[str]) -> None:
+    """Write classes.txt: the class names in flag order, one per line."""
     atomic_write_text(Path(root) / CLASSES_FILE, "".join(f"{c}\n" for c in classes))
 
 
@@ -125,8 +261,31 @@ def read_data_dir(root: str | os.PathLike) -> DataDir:
     return DataDir(root=root, classes=classes, items=items, manifest=manifest, failed=failed)
 
 
+def read_stored_rows(root: str | os.PathLike) -> dict[str, ManifestRow]:
+    """manifest.csv's rows by id (labels left out), or {} when it is missing, unreadable or malformed.
+
+    For a crawl resuming in the folder: without a usable manifest it re-checks the files on disk instead.
+    """
+    path = Path(root) / MANIFEST_FILE
+    if not path.exists():
+        return {}
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return {
+            r["id"]: ManifestRow(
+                id=r["id"],
+                path=r["path"],
+                url=r["url"],
+                sha256=r["sha256"],
+                width=int(r["width"]),
+                height=int(r["height"]),
+            )
+            for r in frame[MANIFEST_COLUMNS].to_dict("records")
+        }
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def manifest_sha256(root: str | os.PathLike) -> str:
     """sha256 of manifest.csv, recorded by training so a run names the data it saw."""
-    import hashlib
-
     return hashlib.sha256((Path(root) / MANIFEST_FILE).read_bytes()).hexdigest()

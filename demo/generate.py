@@ -4,6 +4,9 @@ Writes JPEGs of varied size (about 300 to 800 px a side) to `OUT/images/`, a tra
 JD headerless format (`id,url,f1..fK` and `id,url`), the classes file, the test labels (for evaluation), and a few
 broken entries (a URL that 404s, a corrupt JPEG, an HTML page served as an image) so the crawl's failure report
 has something to show. URLs point at `BASE_URL`, which the demo's local server answers.
+
+The garments are drawn here rather than by common.synthetic (the benches' and tests' photos): what is drawn is
+the labels, and the demo needs them learnable; only the JPEG writing is shared.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_bytes, atomic_write_text
+from common.synthetic import write_jpeg
 
 GARMENTS = ["top", "dress", "trousers"]
 COLOURS = {"red": (40, 40, 210), "blue": (200, 70, 30), "green": (50, 170, 40), "yellow": (30, 210, 230)}  # BGR
@@ -37,7 +41,7 @@ def _sample_labels(rng: np.random.Generator) -> dict[str, int]:
     garment = GARMENTS[rng.integers(len(GARMENTS))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     pattern = ["plain", "striped", "dotted"][rng.integers(3)]
-    labels = {c: 0 for c in CLASSES}
+    labels = dict.fromkeys(CLASSES, 0)
     labels[garment] = labels[colour] = 1
     if pattern != "plain":
         labels[pattern] = 1
@@ -118,7 +122,7 @@ def generate(config: DemoDataConfig) -> dict[str, Path]:
             w, h = (int(v) for v in rng.integers(config.min_side, config.max_side + 1, 2))
             path = images / f"{image_id}.jpg"
             if not path.exists():  # re-running the demo reuses what is drawn (same seed, same pictures)
-                cv2.imwrite(str(path), draw_garment(labels, w, h, rng), [cv2.IMWRITE_JPEG_QUALITY, 90])
+                write_jpeg(path, cv2.cvtColor(draw_garment(labels, w, h, rng), cv2.COLOR_BGR2RGB), quality=90)
             else:
                 draw_garment(labels, w, h, rng)  # keep the random stream identical to a fresh run
             flags = [str(labels[c]) for c in CLASSES]
@@ -129,10 +133,11 @@ def generate(config: DemoDataConfig) -> dict[str, Path]:
                 rows[split].append(f"{image_id},{url}")
                 test_labels.append(",".join([image_id, url] + flags))
     # Broken entries, as real hosts serve them: a missing file, a corrupt JPEG, an HTML page.
-    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 2000, dtype=np.uint8)))
-    (images / "page.jpg").write_bytes(b"<!doctype html><html><body>Not found, but 200</body></html>")
+    atomic_write_bytes(images / "corrupt.jpg", b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 2000, dtype=np.uint8)))
+    atomic_write_bytes(images / "page.jpg", b"<!doctype html><html><body>Not found, but 200</body></html>")
     zeros = ",".join("0" for _ in CLASSES)
-    for image_id, name in (("broken_404", "missing.jpg"), ("broken_corrupt", "corrupt.jpg"), ("broken_html", "page.jpg")):
+    broken = (("broken_404", "missing.jpg"), ("broken_corrupt", "corrupt.jpg"), ("broken_html", "page.jpg"))
+    for image_id, name in broken:
         rows["train"].append(f"{image_id},{BASE_URL_TOKEN}/images/{name},{zeros.replace('0', '1', 1)}")
     out = {
         "train_list": config.out / "train.csv",

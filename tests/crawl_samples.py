@@ -1,4 +1,8 @@
-"""Small images in every format the crawler must handle, and broken ones, built in memory for the crawl tests."""
+"""Small images in every format the crawler must handle, and broken ones, built in memory for the crawl tests.
+
+Not common.synthetic's photos: these tests need a known picture (a gradient with a red top-left corner, so a
+rotation or a lost alpha channel shows) in formats and modes only Pillow writes (progressive, EXIF, CMYK, GIF...).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import zlib
 import cv2
 import numpy as np
 from PIL import Image
+
+from common.synthetic import with_jpeg_comment
 
 
 def pattern(width: int = 75, height: int = 50, seed: int = 0) -> np.ndarray:
@@ -97,8 +103,7 @@ def bmp(width: int = 75, height: int = 50) -> bytes:
 
 def truncated_jpeg() -> bytes:
     """A JPEG cut before its end, with a comment segment holding an end marker (as EXIF thumbnails do)."""
-    data = jpeg(120, 80)
-    with_comment = data[:2] + b"\xff\xfe" + struct.pack(">H", 2 + 6) + b"\xff\xd8\xff\xd9ok" + data[2:]
+    with_comment = with_jpeg_comment(jpeg(120, 80), b"\xff\xd8\xff\xd9ok")
     return with_comment[: len(with_comment) * 2 // 3]
 
 

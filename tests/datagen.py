@@ -3,23 +3,25 @@
 Class k present means its shape is drawn in its colour somewhere on a noisy grey background, so a small
 colour-sensitive network learns the labels in a few epochs (the real backbones would need their ImageNet weights,
 which are not available offline: at random initialisation their pooled features are too faint for the head).
-The files follow the DATA_DIR format of crawl/manifest.py (written with its atomic writers); the crawler is not
-needed. Some entries can be made corrupt (garbage bytes) or missing (a manifest row without a file).
+The tables are written by crawl/manifest.py's writers, the JPEGs by common/synthetic.py's encoder; the crawler is
+not needed. Some entries can be made corrupt (garbage bytes) or missing (a manifest row without a file).
+
+The pictures are not common.synthetic's photos: what is drawn here is the label, and the noisy grey background
+keeps every colour but the shapes' out of the picture.
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
-import pandas as pd
 
-from common.atomic import atomic_write_csv
-from crawl.manifest import IMAGES_DIR, MANIFEST_COLUMNS, write_classes
+from common.atomic import atomic_write_bytes
+from common.synthetic import write_jpeg
+from crawl import manifest as mf
 
 # name -> (BGR colour, shape); strongly different colours keep the task easy at 75 px.
 SHAPES = {
@@ -60,11 +62,13 @@ def _draw(image: np.ndarray, colour: tuple[int, int, int], shape: str, rng: np.r
         cv2.fillPoly(image, [pts], colour)
 
 
-def draw_image(labels: Sequence[int], classes: Sequence[str], size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def draw_image(
+    labels: Sequence[int], classes: Sequence[str], size: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
     """A BGR uint8 image (height, width) with the shape of every present class drawn on a noisy background."""
     h, w = size
     image = rng.normal(128, 12, (h, w, 3)).clip(0, 255).astype(np.uint8)
-    for present, name in zip(labels, classes):
+    for present, name in zip(labels, classes, strict=True):
         if present:
             colour, shape = SHAPES[name]
             _draw(image, colour, shape, rng)
@@ -97,39 +101,25 @@ def make_data_dir(
     classes = list(SHAPES)[:n_classes]
     rng = np.random.default_rng(seed)
     labels = sample_labels(n, n_classes, rng)
-    (root / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     ids = [f"{id_prefix}{i:04d}" for i in range(n)]
     bad_start = n - corrupt - missing
+    h, w = size
     rows = []
-    for i, (image_id, row) in enumerate(zip(ids, labels)):
-        rel = f"{IMAGES_DIR}/{image_id}.jpg"
+    for i, (image_id, row) in enumerate(zip(ids, labels, strict=True)):
+        rel = mf.image_path(image_id, ".jpg")
         path = root / rel
         if i < bad_start:
-            ok, encoded = cv2.imencode(".jpg", draw_image(row, classes, size, rng), [cv2.IMWRITE_JPEG_QUALITY, 92])
-            assert ok
-            data = encoded.tobytes()
-            path.write_bytes(data)
+            bgr = draw_image(row, classes, size, rng)
+            data = write_jpeg(path, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), quality=92)
         elif i < bad_start + corrupt:
             data = b"\xff\xd8\xff\xe0 this is not really a JPEG " + rng.bytes(200)
-            path.write_bytes(data)
+            atomic_write_bytes(path, data)
         else:
             data = b""  # a manifest row whose file has gone
             path.unlink(missing_ok=True)
-        rows.append(
-            {
-                "id": image_id,
-                "path": rel,
-                "url": f"http://127.0.0.1:9/{image_id}.jpg",
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "width": size[1],
-                "height": size[0],
-                **{c: int(v) for c, v in zip(classes, row)},
-            }
-        )
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + classes)
-    atomic_write_csv(root / "manifest.csv", manifest)
-    atomic_write_csv(root / "list.csv", manifest[["id", "url"] + classes])
-    write_classes(root, classes)
+        url = f"http://127.0.0.1:9/{image_id}.jpg"
+        rows.append(mf.ManifestRow.of_file(data, id=image_id, path=rel, url=url, width=w, height=h, labels=row))
+    mf.write_data_dir(root, classes=classes, entries=rows, stored=rows)
     return Fixture(
         root=root,
         classes=classes,

@@ -3,7 +3,10 @@
 Each path is routed to a behaviour: a function `(handler, hit)` that writes the whole response itself, where `hit`
 counts the requests to that path (0 for the first). Factories below build the usual ones: a static body, a
 status, a stall, a trickle, a short body, a huge Content-Length, an endless chunked body, a redirect, and
-`sequence(...)` to answer differently per hit. Every request is logged with its time.
+`sequence(...)` to answer differently per hit, `gated(...)` to hold a request until the test opens a gate, and
+`together(...)` to answer only once a given number of requests are in the server at the same time. Every request
+is logged with the server's clock, and behaviours can leave notes (`notes(path)`) of what the client did, such as
+hanging up before the body was sent.
 
     with ScriptedServer() as server:
         server.route("/a.jpg", static(jpeg_bytes))
@@ -13,6 +16,8 @@ status, a stall, a trickle, a short body, a huge Content-Length, an endless chun
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -33,7 +38,8 @@ class ScriptedServer:
 
     def __init__(self) -> None:
         self.routes: dict[str, Behaviour] = {}
-        self.log: list[tuple[float, str]] = []
+        self.log: list[tuple[float, str]] = []  # (time.monotonic() when the request arrived, path)
+        self._notes: dict[str, list[str]] = defaultdict(list)
         self.closing = threading.Event()
         self._hits: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
@@ -42,7 +48,7 @@ class ScriptedServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:  # http.server's naming
                 path = self.path.split("?", 1)[0]
                 with owner._lock:
                     hit = owner._hits[path]
@@ -54,11 +60,12 @@ class ScriptedServer:
                 except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                     self.close_connection = True
 
-            def log_message(self, format, *args) -> None:  # noqa: A002 - keep test output quiet
+            def log_message(self, format, *args) -> None:  # keep test output quiet
                 pass
 
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.closing = self.closing
+        self.httpd.owner = self
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -79,6 +86,15 @@ class ScriptedServer:
         with self._lock:
             return [t for t, p in self.log if p == path]
 
+    def note(self, path: str, text: str) -> None:
+        with self._lock:
+            self._notes[path].append(text)
+
+    def notes(self, path: str) -> list[str]:
+        """What the behaviours of `path` recorded, one note per request that left one, in order."""
+        with self._lock:
+            return list(self._notes.get(path, []))
+
     def close(self) -> None:
         self.closing.set()  # wakes stalled and trickling behaviours
         self.httpd.shutdown()
@@ -94,6 +110,36 @@ class ScriptedServer:
 def _wait(handler: BaseHTTPRequestHandler, seconds: float) -> bool:
     """Sleep unless the server is closing; True if it is."""
     return handler.server.closing.wait(seconds)
+
+
+def _path(handler: BaseHTTPRequestHandler) -> str:
+    return handler.path.split("?", 1)[0]
+
+
+def _note(handler: BaseHTTPRequestHandler, text: str) -> None:
+    handler.server.owner.note(_path(handler), text)
+
+
+def _hold(handler: BaseHTTPRequestHandler, seconds: float) -> str:
+    """Keep the connection open for `seconds`, watching it; returns why the wait ended.
+
+    "client closed" when the client hung up (EOF or reset), "server closing" when the server shuts down, "held"
+    when the time ran out with the client still connected.
+    """
+    end = time.monotonic() + seconds
+    sock = handler.connection
+    while time.monotonic() < end:
+        if handler.server.closing.is_set():
+            return "server closing"
+        try:
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable and sock.recv(1, socket.MSG_PEEK) == b"":
+                return "client closed"
+        except (ConnectionResetError, OSError):
+            return "client closed"
+        if readable:  # the client sent more bytes without hanging up: keep holding
+            handler.server.closing.wait(0.05)
+    return "held"
 
 
 def static(
@@ -175,7 +221,11 @@ def short_body(body: bytes, claimed: int, content_type: str = "image/jpeg") -> B
 
 
 def huge_length(claimed: int = 2_000_000_000, hold: float = 30.0) -> Behaviour:
-    """Announce an enormous Content-Length, send a few bytes, then hold the connection open."""
+    """Announce an enormous Content-Length, send a few bytes, then hold the connection open.
+
+    Notes how the hold ended: "client closed" (the client hung up without waiting for the body), "held" or
+    "server closing".
+    """
 
     def behave(handler: BaseHTTPRequestHandler, hit: int) -> None:
         handler.send_response(200)
@@ -184,7 +234,7 @@ def huge_length(claimed: int = 2_000_000_000, hold: float = 30.0) -> Behaviour:
         handler.end_headers()
         handler.wfile.write(b"\xff\xd8\xff" + b"\0" * 1000)
         handler.wfile.flush()
-        _wait(handler, hold)
+        _note(handler, _hold(handler, hold))
         handler.close_connection = True
 
     return behave
@@ -212,3 +262,36 @@ def endless_chunked(chunk: bytes = b"\0" * 65536, interval: float = 0.0, content
 def redirect(location: str, code: int = 302) -> Behaviour:
     """Redirect to `location` (absolute or relative)."""
     return static(b"", content_type="text/plain", code=code, headers={"Location": location})
+
+
+def gated(gate: threading.Event, behaviour: Behaviour) -> Behaviour:
+    """Hold each request, sending nothing, until the test sets `gate` (or the server closes); then `behaviour`."""
+
+    def behave(handler: BaseHTTPRequestHandler, hit: int) -> None:
+        while not gate.wait(0.05):
+            if handler.server.closing.is_set():
+                handler.close_connection = True
+                return
+        behaviour(handler, hit)
+
+    return behave
+
+
+def together(barrier: threading.Barrier, behaviour: Behaviour) -> Behaviour:
+    """Answer with `behaviour` once `barrier.parties` requests (of every route sharing `barrier`) are in the server.
+
+    Each request notes "together" when the barrier filled, or "alone" (and gets a 503) when the barrier's timeout
+    passed first: a client that sends its requests one after the other never fills it.
+    """
+
+    def behave(handler: BaseHTTPRequestHandler, hit: int) -> None:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            _note(handler, "alone")
+            status(503)(handler, hit)
+            return
+        _note(handler, "together")
+        behaviour(handler, hit)
+
+    return behave

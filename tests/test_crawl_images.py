@@ -94,7 +94,7 @@ def test_max_side_downsizes_larger_images_only():
 
 
 @pytest.mark.parametrize(
-    "data, reason",
+    ("data", "reason"),
     [
         (b"", "empty"),
         (samples.HTML, "not_image"),
@@ -127,7 +127,7 @@ def test_pixel_limit_is_checked_from_the_header(tmp_path):
     assert process_image(samples.jpeg(200, 100), max_pixels=20_000).width == 200
 
 
-def test_decompression_bomb_fails_fast_without_allocating_the_image(tmp_path):
+def test_decompression_bomb_is_rejected_without_allocating_the_image(tmp_path):
     """A 30000x30000 PNG of ~200 KB would decode into 900 MB: it must be rejected from its header alone."""
     bomb = samples.bomb_png()
     assert len(bomb) < 500_000
@@ -135,24 +135,22 @@ def test_decompression_bomb_fails_fast_without_allocating_the_image(tmp_path):
     path.write_bytes(bomb)
     # In a fresh process, so its peak memory is its own.
     script = (
-        "import json, resource, sys, time\n"
+        "import json, resource, sys\n"
         "from crawl.images import configure_pil, process_image, ImageRejected\n"
         "configure_pil(50_000_000)\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "start = time.perf_counter()\n"
         "try:\n"
         "    process_image(data, max_pixels=50_000_000)\n"
         "    reason = None\n"
         "except ImageRejected as e:\n"
         "    reason = e.reason\n"
-        "print(json.dumps({'reason': reason, 'seconds': time.perf_counter() - start,\n"
-        "    'grew_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))\n"
+        "grew_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(json.dumps({'reason': reason, 'grew_kb': grew_kb}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["reason"] == "too_many_pixels"
-    assert result["seconds"] < 0.5
     assert result["grew_kb"] < 50_000  # under 50 MB, against 900 MB for the decoded image

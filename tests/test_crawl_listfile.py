@@ -132,6 +132,24 @@ def test_headered_list_errors(tmp_path):
     ]
 
 
+def test_empty_id_and_url_are_reported_alike_in_both_formats(tmp_path):
+    rows = [",http://h/a.jpg", "b,", ","]  # lines 1-3 (JD) or 2-4 (after the header): empty id, empty url, both
+    jd = write(tmp_path, "jd.csv", "".join(f"{r},0\n" for r in rows))
+    headered = write(tmp_path, "h.csv", "id,url,sport\n" + "".join(f"{r},0\n" for r in rows))
+    for path, first in ((jd, 1), (headered, 2)):
+        assert errors_of(path) == [
+            f"{path}:{first}: empty id",
+            f"{path}:{first + 1}: empty url",
+            f"{path}:{first + 2}: empty id",
+            f"{path}:{first + 2}: empty url",
+        ]
+
+
+def test_headered_list_without_id_column_checks_the_url_only(tmp_path):
+    path = write(tmp_path, "l.csv", "url,sport\nhttp://h/a.jpg,1\n,0\n")
+    assert errors_of(path) == [f"{path}:3: empty url"]
+
+
 def test_empty_list(tmp_path):
     path = write(tmp_path, "empty.csv", "\n\n")
     assert errors_of(path) == [f"{path}: the list is empty"]

@@ -1,4 +1,8 @@
-"""Resume and crashes: re-runs finish the job without re-downloading, kill -9 and Ctrl-C lose nothing stored."""
+"""Resume and crashes: re-runs finish the job without re-downloading, kill -9 and Ctrl-C lose nothing stored.
+
+Waits on the crawl processes poll a condition with a generous limit against hangs, and fail at once, with the
+process's output, if the process exits first.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -17,9 +23,10 @@ import pytest
 
 from crawl.crawler import LOCK_FILE, CrawlBusy, CrawlConfig, crawl
 from tests import crawl_samples as samples
-from tests.http_server import sequence, stall, static, status
+from tests.http_server import gated, sequence, stall, static, status
 
 REPO = Path(__file__).resolve().parents[1]
+HANG_LIMIT = 120.0  # seconds: a limit against hangs, never a speed check
 
 
 def make_list(tmp_path: Path, server, n: int, latency: float = 0.0, extra: dict | None = None) -> Path:
@@ -109,6 +116,27 @@ def test_changing_max_side_downloads_again(tmp_path, http_server):
     assert set(manifest["width"]) == {"30"} and set(manifest["height"]) == {"20"}
 
 
+def test_an_edited_url_is_downloaded_again(tmp_path, http_server):
+    list_path = make_list(tmp_path, http_server, 3)
+    out = tmp_path / "out"
+    crawl(config(list_path, out))
+    before = pd.read_csv(out / "manifest.csv", dtype=str).set_index("id")
+    new_image = samples.jpeg(60, 40, seed=77)
+    new_url = http_server.route("/moved/1.jpg", static(new_image))
+    lines = list_path.read_text().splitlines()
+    lines[1] = f"img1,{new_url},1,0"  # same id and labels, another URL
+    list_path.write_text("\n".join(lines) + "\n")
+
+    summary = crawl(config(list_path, out))
+    assert summary["downloaded"] == 1 and summary["already_stored"] == 2
+    assert [http_server.hits(f"/img/{k}.jpg") for k in range(3)] == [1, 1, 1] and http_server.hits("/moved/1.jpg") == 1
+    after = assert_manifest_consistent(out).set_index("id")
+    assert after.loc["img1", "url"] == new_url
+    assert after.loc["img1", "sha256"] == hashlib.sha256(new_image).hexdigest() != before.loc["img1", "sha256"]
+    assert after.loc["img1", "path"] != before.loc["img1", "path"]
+    assert after.drop(index="img1").equals(before.drop(index="img1"))
+
+
 def test_a_second_crawl_on_the_same_directory_is_refused(tmp_path, http_server):
     list_path = make_list(tmp_path, http_server, 1)
     out = tmp_path / "out"
@@ -130,32 +158,51 @@ def _start_crawl(list_path: Path, out_dir: Path, *extra: str) -> subprocess.Pope
     )
 
 
-def _wait_for_files(out_dir: Path, count: int, process: subprocess.Popen, limit: float = 30.0) -> None:
+def _wait_until(condition: Callable[[], bool], process: subprocess.Popen, what: str) -> None:
+    """Poll `condition` until it holds; fail if `process` exits first (showing its output) or after HANG_LIMIT."""
+    pause = threading.Event()
+    deadline = time.monotonic() + HANG_LIMIT
+    while not condition():
+        if process.poll() is not None:
+            stdout, stderr = process.communicate()
+            pytest.fail(f"waiting for {what}: the crawl exited with {process.returncode}\n{stdout}\n{stderr}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"waiting for {what}: not seen within {HANG_LIMIT:g} s")
+        pause.wait(0.01)
+
+
+def _stored_files(out_dir: Path) -> int:
     images = out_dir / "images"
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if images.is_dir() and len([p for p in images.iterdir() if not p.name.startswith(".")]) >= count:
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.01)
-    raise AssertionError(f"fewer than {count} files after {limit} s")
+    return len([p for p in images.iterdir() if not p.name.startswith(".")]) if images.is_dir() else 0
+
+
+def _manifest_rows(out_dir: Path) -> int:
+    """Rows of manifest.csv, 0 before its first write (it is replaced atomically, never seen half written)."""
+    path = out_dir / "manifest.csv"
+    return len(pd.read_csv(path)) if path.exists() else 0
 
 
 def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, http_server):
     n = 40
     missing = http_server.route("/gone.jpg", status(404))
-    list_path = make_list(tmp_path, http_server, n, latency=0.1, extra={"gone": missing})
+    # An id whose server answers only once the test opens the gate: until then no run can complete, so both kills
+    # land while the crawl is running. The killed runs get a long --timeout, so the held request is not cut.
+    gate = threading.Event()
+    held = http_server.route("/gate.jpg", gated(gate, static(samples.jpeg(60, 40, seed=500))))
+    list_path = make_list(tmp_path, http_server, n, latency=0.1, extra={"gone": missing, "gate": held})
     out = tmp_path / "out"
     hits_when_on_disk: dict[str, int] = {}  # file name -> requests for it when a kill left it on disk
     # Kill twice: once after the manifest was checkpointed with some rows, once during the resumed run.
     for kill_after, checkpoint in ((6, "0.05"), (20, "5")):
-        process = _start_crawl(list_path, out, "--checkpoint-every", checkpoint)
-        _wait_for_files(out, kill_after, process)
+        process = _start_crawl(list_path, out, "--checkpoint-every", checkpoint, "--timeout", "60")
+        _wait_until(lambda count=kill_after: _stored_files(out) >= count, process, f"{kill_after} stored files")
         if checkpoint == "0.05":
-            while len(pd.read_csv(out / "manifest.csv")) < 4:  # rows on record before the kill
-                time.sleep(0.01)
+            _wait_until(lambda: _manifest_rows(out) >= 4, process, "4 manifest rows on record before the kill")
         process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
+        assert process.wait(timeout=HANG_LIMIT) == -signal.SIGKILL
+        process.communicate()
+        assert json.loads((out / "crawl.json").read_text())["status"] == "running"  # killed mid-run
         on_disk = {p.name for p in (out / "images").iterdir() if not p.name.startswith(".")}
         hits = {k: http_server.hits(f"/img/{k}.jpg") for k in range(n)}
         for k in range(n):
@@ -164,10 +211,11 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, h
                 hits_when_on_disk.setdefault(name, hits[k])
         if (out / "manifest.csv").exists():
             assert_manifest_consistent(out)  # never a missing or partial file, whenever the kill came
+    gate.set()
     process = _start_crawl(list_path, out)
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = process.communicate(timeout=HANG_LIMIT)
     assert process.returncode == 0, stderr  # completed, even with a per-URL failure
-    assert "crawl completed: stored 40 of 41" in stdout
+    assert "crawl completed: stored 41 of 42" in stdout
     hits_after_resume = {k: http_server.hits(f"/img/{k}.jpg") for k in range(n)}
 
     reference = tmp_path / "reference"
@@ -186,26 +234,49 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, h
     assert sum(hits_after_resume.values()) <= n + 2 * 4  # at most one worker pool's worth lost per kill
 
 
-def test_ctrl_c_exits_130_and_records_what_is_stored(tmp_path, http_server):
+def test_ctrl_c_exits_130_records_what_is_stored_and_a_rerun_retries_the_rest(tmp_path, http_server):
     quick = {f"q{k}": http_server.route(f"/q/{k}.jpg", static(samples.jpeg(seed=k))) for k in range(8)}
     stalled = {f"s{k}": http_server.route(f"/s/{k}.jpg", stall()) for k in range(4)}
     list_path = tmp_path / "list.csv"
     list_path.write_text("".join(f"{i},{u}\n" for i, u in {**quick, **stalled}.items()))
     out = tmp_path / "out"
     process = _start_crawl(list_path, out, "--timeout", "60")
-    _wait_for_files(out, 8, process)
-    while sum(http_server.hits(f"/s/{k}.jpg") for k in range(4)) < 4:  # all workers now hang on stalled hosts
-        time.sleep(0.01)
-    sent = time.monotonic()
+    _wait_until(lambda: _stored_files(out) >= 8, process, "8 stored files")
+
+    def stalled_hits() -> int:
+        return sum(http_server.hits(f"/s/{k}.jpg") for k in range(4))
+
+    _wait_until(lambda: stalled_hits() == 4, process, "every worker hanging on a stalled host")
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=20)
+    # The stalled hosts hold for an hour and --timeout is 60 s: exiting within 15 s, interpreter shutdown
+    # included, means the in-flight downloads were abandoned, not waited for.
+    try:
+        _, stderr = process.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("the crawl did not exit within 15 s of SIGINT: it waited for the stalled downloads")
     assert process.returncode == 130, stderr
-    assert time.monotonic() - sent < 3.0  # in-flight downloads are abandoned, not waited for
     assert "interrupted" in stderr
     manifest = assert_manifest_consistent(out)
     assert list(manifest["id"]) == list(quick)
     failed = pd.read_csv(out / "failed.csv", dtype=str)
     assert list(failed["id"]) == list(stalled) and set(failed["reason"]) == {"interrupted"}
+    assert set(failed["attempts"]) == {"0"}
     summary = json.loads((out / "crawl.json").read_text())
     assert summary["status"] == "interrupted" and summary["stored"] == 8
     assert summary["failed_by_reason"] == {"interrupted": 4}
+
+    # The hosts answer now: running the same command again retries exactly the interrupted ids.
+    images = {item_id: samples.jpeg(seed=40 + k) for k, item_id in enumerate(stalled)}
+    for k, item_id in enumerate(stalled):
+        http_server.route(f"/s/{k}.jpg", static(images[item_id]))
+    rerun = crawl(config(list_path, out))
+    assert (rerun["status"], rerun["downloaded"], rerun["already_stored"], rerun["failed"]) == ("completed", 4, 8, 0)
+    assert [http_server.hits(f"/q/{k}.jpg") for k in range(8)] == [1] * 8
+    assert stalled_hits() == 8  # one more request each
+    final = assert_manifest_consistent(out).set_index("id")
+    assert list(final.index) == list(quick) + list(stalled)
+    for item_id, data in images.items():
+        assert final.loc[item_id, "sha256"] == hashlib.sha256(data).hexdigest()
+    assert pd.read_csv(out / "failed.csv").empty

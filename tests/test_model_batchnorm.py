@@ -1,17 +1,18 @@
-"""BatchNormalization statistics for random-weight backbones: estimated on real inputs, exactly, without touching weights."""
+"""BatchNormalization statistics of random-weight backbones: estimated on inputs, exactly, without touching weights."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 
+from common.synthetic import photo
 from train.backbones import get_backbone
 from train.model import estimate_batchnorm_statistics
 
 
 def _images(n: int = 8, size: int = 75) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return rng.uniform(-1.0, 1.0, (n, size, size, 3)).astype("float32")
+    """Synthetic photos scaled to [-1, 1], the inception preprocessing's range."""
+    return np.stack([photo(size, size, seed=(0, k)) for k in range(n)]).astype("float32") / 127.5 - 1.0
 
 
 def test_estimated_statistics_are_the_batch_statistics_of_each_layer_input():
