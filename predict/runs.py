@@ -7,21 +7,17 @@ output width), the thresholds from metrics.json.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import keras
 import numpy as np
 
 from predict.errors import PredictError
+from train import rundir
 from train.preprocess import PREPROCESSING
-
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.json"
-CLASSES_FILE = "classes.txt"
-METRICS_FILE = "metrics.json"
+from train.rundir import CLASSES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunDirError, RunRecord
 
 
 @dataclass(frozen=True)
@@ -29,7 +25,7 @@ class Run:
     """A loaded RUN_DIR."""
 
     path: Path
-    config: dict
+    config: RunRecord
     classes: list[str]
     metrics: dict | None  # None when metrics.json is absent (tuned thresholds and compare then fail clearly)
     model: keras.Model = field(repr=False, compare=False)
@@ -40,26 +36,20 @@ class Run:
 
     @property
     def backbone(self) -> str:
-        return str(self.config["backbone"]["name"])
+        return str(self.config.backbone["name"])
 
     @property
     def image_size(self) -> int:
-        return int(self.config["image_size"])
+        return self.config.image_size
 
     @property
     def preprocessing(self) -> str:
-        return str(self.config["backbone"]["preprocessing"])
+        return str(self.config.backbone["preprocessing"])
 
     @property
     def class_prevalence(self) -> np.ndarray:
-        """Training prevalence per class (config.json's class_prevalence), used to fill probabilities of missing images."""
-        prevalence = self.config.get("class_prevalence")
-        if prevalence is None or len(prevalence) != len(self.classes):
-            raise PredictError(
-                f"{self.path / CONFIG_FILE}: class_prevalence is missing or does not have one value per class "
-                f"({len(self.classes)} classes)"
-            )
-        return np.asarray(prevalence, dtype=np.float64)
+        """Training prevalence per class (config.json's class_prevalence): the probabilities of missing images."""
+        return np.asarray(self.config.class_prevalence, dtype=np.float64)
 
     @property
     def tuned_thresholds(self) -> np.ndarray:
@@ -76,39 +66,27 @@ class Run:
         return np.asarray([float(stored[c]) for c in self.classes], dtype=np.float64)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PredictError(f"{path}: not found; is {path.parent} a RUN_DIR written by `python -m train`?") from None
-    except json.JSONDecodeError as err:
-        raise PredictError(f"{path}: not valid JSON ({err})") from None
-
-
 def load_run(path: str | Path) -> Run:
     """Read and check a RUN_DIR; raises PredictError naming the file at fault."""
     path = Path(path)
     if not path.is_dir():
         raise PredictError(f"{path}: not a RUN_DIR (no such directory)")
-    config = _read_json(path / CONFIG_FILE)
     try:
-        image_size = int(config["image_size"])
-        preprocessing = config["backbone"]["preprocessing"]
-        config["backbone"]["name"]
-        config_classes = list(config["classes"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise PredictError(f"{path / CONFIG_FILE}: missing or malformed setting {err}; see docs/CONTRACTS.md") from None
+        config = rundir.read_config(path)
+        classes = rundir.read_classes(path)
+        metrics = rundir.read_metrics(path)
+    except RunDirError as err:
+        raise PredictError(str(err)) from None
+    preprocessing = config.backbone["preprocessing"]
     if preprocessing not in PREPROCESSING:
         raise PredictError(
             f"{path / CONFIG_FILE}: unknown preprocessing {preprocessing!r}; known: {', '.join(sorted(PREPROCESSING))}"
         )
     classes_path = path / CLASSES_FILE
-    if not classes_path.is_file():
-        raise PredictError(f"{classes_path}: not found")
-    classes = [c.strip() for c in classes_path.read_text(encoding="utf-8").splitlines() if c.strip()]
-    if classes != config_classes:
-        raise PredictError(f"{classes_path}: classes differ from those in {CONFIG_FILE} ({classes} vs {config_classes})")
-    metrics = _read_json(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else None
+    if classes != list(config.classes):
+        raise PredictError(
+            f"{classes_path}: classes differ from those in {CONFIG_FILE} ({classes} vs {list(config.classes)})"
+        )
 
     model_path = path / MODEL_FILE
     if not model_path.is_file():
@@ -118,10 +96,15 @@ def load_run(path: str | Path) -> Run:
     except Exception as err:  # Keras raises many types for a damaged or foreign file
         raise PredictError(f"{model_path}: cannot be loaded ({type(err).__name__}: {err})") from None
     in_shape, out_shape = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
+    image_size = config.image_size
     if tuple(in_shape[1:]) != (image_size, image_size, 3):
-        raise PredictError(f"{model_path}: model input {in_shape} does not match image_size {image_size} in {CONFIG_FILE}")
+        raise PredictError(
+            f"{model_path}: model input {in_shape} does not match image_size {image_size} in {CONFIG_FILE}"
+        )
     if out_shape[-1] != len(classes):
-        raise PredictError(f"{model_path}: model has {out_shape[-1]} outputs but {classes_path} lists {len(classes)} classes")
+        raise PredictError(
+            f"{model_path}: model has {out_shape[-1]} outputs but {classes_path} lists {len(classes)} classes"
+        )
     return Run(path=path, config=config, classes=classes, metrics=metrics, model=model)
 
 
@@ -147,6 +130,7 @@ def check_same_classes(runs: Sequence[Run]) -> list[str]:
                 detail = f"only in {first.path}: {only_first or 'none'}; only in {run.path}: {only_other or 'none'}"
             raise PredictError(
                 f"cannot ensemble {first.path} and {run.path}: their classes differ ({detail}). "
-                f"Ensembles average probabilities class by class, so every run must predict the same classes in the same order."
+                "Ensembles average probabilities class by class, so every run must predict the same classes in the "
+                "same order."
             )
     return list(first.classes)

@@ -34,7 +34,7 @@ def _param_count(weights) -> int:
 
 @pytest.fixture(scope="module")
 def inception_v4_299() -> keras.Model:
-    """InceptionV4 with the 1000-class top at 299 px, built once (construction only, about 2 s)."""
+    """InceptionV4 with the 1000-class top at 299 px, built once for the architecture tests (no forward pass)."""
     return InceptionV4(include_top=True, weights=None, input_shape=(299, 299, 3))
 
 
@@ -62,7 +62,7 @@ def _no_construction(**kwargs):
 
 
 @pytest.mark.parametrize(
-    "name, feature_shape",
+    ("name", "feature_shape"),
     [
         # 75 px: Xception's exit flow keeps 3x3 ('same' pooling); the Inception models reduce to 1x1.
         ("inception_resnet_v2", (None, 1, 1, 1536)),
@@ -77,6 +77,24 @@ def test_main_backbones_build_at_75px(name, feature_shape):
     model = backbone.build(75, weights=None)
     assert model.input_shape == (None, 75, 75, 3)
     assert model.output_shape == feature_shape
+
+
+@pytest.mark.parametrize(
+    ("name", "registry_facts", "size", "feature_shape"),
+    [
+        # The two other registered backbones, at their smallest sizes: keras.applications' own architectures.
+        ("inception_v3", (299, "inception", 75), 75, (None, 1, 1, 2048)),
+        ("resnet50", (224, "caffe", 32), 32, (None, 1, 1, 2048)),
+        ("resnet50", (224, "caffe", 32), 64, (None, 2, 2, 2048)),  # stride 32 overall
+    ],
+)
+def test_other_backbones_build_small_with_their_registry_facts(name, registry_facts, size, feature_shape):
+    backbone = get_backbone(name)
+    assert (backbone.input_size, backbone.preprocessing, backbone.min_input_size) == registry_facts
+    model = backbone.build(size, weights=None)
+    assert model.input_shape == (None, size, size, 3) and model.output_shape == feature_shape
+    with pytest.raises(ValueError, match=f"{name}: input size {registry_facts[2] - 1} is below its minimum"):
+        backbone.build(registry_facts[2] - 1, weights=None)
 
 
 def test_inception_v4_backbone_runs_on_an_image():
@@ -121,7 +139,7 @@ def test_inception_v4_parameter_count_equals_timm(inception_v4_299):
 
 
 @pytest.mark.parametrize(
-    "timm_path, kernel_shape",
+    ("timm_path", "kernel_shape"),
     [
         # (kh, kw, in, out) from timm's module definitions; our layer names follow timm's paths.
         ("features.0.conv", (3, 3, 3, 32)),  # the stem units are features.0-2 themselves
@@ -167,7 +185,7 @@ def _source_layers(model: keras.Model, concat_name: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "block, branches",
+    ("block", "branches"),
     [
         # timm's torch.cat order; Mixed-3a puts the pool first, Mixed-5a last.
         ("mixed_3a", ["mixed_3a_maxpool", "mixed_3a_conv_relu"]),
@@ -186,7 +204,7 @@ def test_inception_v4_concatenation_order_is_timms(inception_v4_299, block, bran
     assert _source_layers(inception_v4_299, block) == branches
 
 
-@pytest.mark.parametrize("size, side", [(76, 1), (99, 1), (150, 3)])
+@pytest.mark.parametrize(("size", "side"), [(76, 1), (99, 1), (150, 3)])
 def test_inception_v4_builds_at_odd_sizes(size, side):
     model = InceptionV4(include_top=False, input_shape=(size, size, 3))
     assert model.output_shape == (None, side, side, 1536)
@@ -321,5 +339,5 @@ def test_keras_cache_dir_follows_keras_home(tmp_path, monkeypatch):
 def _assert_same_weights(a: keras.Model, b: keras.Model) -> None:
     wa, wb = a.get_weights(), b.get_weights()
     assert len(wa) == len(wb) > 0
-    for x, y in zip(wa, wb):
+    for x, y in zip(wa, wb, strict=True):
         np.testing.assert_array_equal(x, y)

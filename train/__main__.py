@@ -33,20 +33,25 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     val.add_argument("--val-split", type=float, metavar="F", help="stratified validation fraction (default 0.1)")
     p.add_argument("--image-size", type=int, metavar="N", help="input size in pixels (default: the backbone's, 299)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch (default {d.batch_size})")
-    p.add_argument("--frozen-epochs", type=int, default=d.frozen_epochs, help=f"stage 1 epochs (default {d.frozen_epochs})")
+    p.add_argument("--frozen-epochs", type=int, default=d.frozen_epochs,
+                   help=f"stage 1 epochs (default {d.frozen_epochs})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"last epoch, both stages (default {d.epochs})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"stage 1 Adam learning rate (default {d.lr})")
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help=f"stage 2 learning rate (default {d.finetune_lr})")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
+                   help=f"stage 2 learning rate (default {d.finetune_lr})")
     p.add_argument("--unfreeze", type=float, default=d.unfreeze,
                    help=f"top fraction of backbone layers trained in stage 2 (default {d.unfreeze})")
     p.add_argument("--dropout", type=float, default=d.dropout, help=f"head dropout (default {d.dropout})")
     p.add_argument("--l2", type=float, default=d.l2, help=f"L2 on the head's kernel (default {d.l2})")
-    p.add_argument("--weights", default=d.weights, metavar="imagenet|none|PATH", help="backbone weights (default imagenet)")
-    p.add_argument("--augment", default=",".join(d.augment), help="flip,translate,rotate,rot90 or none (default %(default)s)")
+    p.add_argument("--weights", default=d.weights, metavar="imagenet|none|PATH",
+                   help="backbone weights (default imagenet)")
+    p.add_argument("--augment", default=",".join(d.augment),
+                   help="flip,translate,rotate,rot90 or none (default %(default)s)")
     p.add_argument("--devices", type=int, metavar="N", help="replicas: the first N GPUs, or N logical CPU devices")
     p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (pays off on GPUs)")
     p.add_argument("--cache", metavar="memory|DIR", help="keep decoded images in memory or in files under DIR")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"split, initialisation, shuffle, augmentation (default {d.seed})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"split, initialisation, shuffle, augmentation (default {d.seed})")
     a = p.parse_args(argv)
     return TrainConfig(
         data_dir=a.data_dir, backbone=a.backbone, out=a.out, val=a.val, val_split=a.val_split,

@@ -42,7 +42,7 @@ class TrainConfig:
     cache: str | None = None  # "memory" or a folder
     seed: int = 0
 
-    def resolve(self) -> "TrainConfig":
+    def resolve(self) -> TrainConfig:
         """A copy with defaults filled from the backbone and every setting checked; raises ConfigError."""
         try:
             backbone = get_backbone(self.backbone)

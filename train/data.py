@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -33,12 +33,11 @@ CACHE_SHUFFLE_BUFFER = 1024  # decoded images held for shuffling when --cache is
 
 
 def pipeline_options() -> tf.data.Options:
-    """The tf.data options of the input pipeline: model-based autotuning off.
+    """The tf.data options of the input pipelines (training, validation, prediction): model-based autotuning off.
 
-    Measured on 2 CPU cores: with tf.data's autotuner on, whole passes over the data ran in a state that used about
-    1.2 cores (240 instead of 340 augmented images per second at 299 px, in 7 of 12 epochs; decode and resize
-    alone behaved alike). With it off, every pass ran at full speed. The benchmark's decode-and-resize ceiling
-    uses the same options, so the two are compared under the same tf.data settings.
+    On a machine with few cores tf.data's autotuner can leave whole passes over the data running on a fraction of
+    the cores; with it off every pass runs at the parallelism it asks for. The benchmarks use the same options, so
+    their figures describe these pipelines.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -139,14 +138,58 @@ def _cache_file(cache_dir: str, paths: Sequence[str], image_size: int, tag: str)
     return prefix
 
 
-def _transforms(batch: tf.Tensor, size: int, augment: tuple[str, ...], seed: tf.Tensor) -> tf.Tensor:
-    """Per-image affine maps from output pixel to input pixel, rows (a00, a01, b0, a10, a11, b1), shape [B, 6].
+def affine_maps(
+    size: int,
+    *,
+    flip: tf.Tensor | float = 1.0,
+    cos: tf.Tensor | float = 1.0,
+    sin: tf.Tensor | float = 0.0,
+    shift_x: tf.Tensor | float = 0.0,
+    shift_y: tf.Tensor | float = 0.0,
+    crop: tf.Tensor | float = 1.0,
+) -> tf.Tensor:
+    """Affine maps from output pixel to input pixel, rows (a00, a01, b0, a10, a11, b1), for `resample`.
 
-    The forward map is u_out = t + R(theta) R90(k) F u_in in coordinates centred on the image; its inverse is
-    u_in = F R90(k)^T R(theta)^T (u_out - t), because the flip F is its own inverse and rotations invert by
-    transposing. One map per image does all the named augmentations in a single resampling pass.
+    The forward map, in coordinates centred on the image of side `size`, is u_out = t + R F u_in / crop: first the
+    mirror F (flip -1 mirrors left-right, 1 keeps), then the rotation R = [[cos, -sin], [sin, cos]], then a zoom
+    that makes the central `crop` fraction of the side fill the image, then the shift t = (shift_x, shift_y) in
+    pixels (+ is right and down). Its inverse is u_in = crop F R^T (u_out - t), because F is its own inverse and
+    rotations invert by transposing. Each argument is a number or a tensor of shape [B]; the result has shape
+    [B, 6], or [6] when all are numbers. Training's augmentation and prediction's TTA views both build their maps
+    here, so they move pixels and fill borders by the same rule.
     """
-    u = tf.random.stateless_uniform([batch, 5], seed=seed)
+    flip, cos, sin, shift_x, shift_y, crop = (
+        tf.convert_to_tensor(v, tf.float32) for v in (flip, cos, sin, shift_x, shift_y, crop)
+    )
+    # A = crop F R^T = crop [[f c, f s], [-s, c]] (F negates the x row).
+    a00, a01, a10, a11 = flip * cos * crop, flip * sin * crop, -sin * crop, cos * crop
+    centre = (size - 1) / 2.0
+    x0, y0 = centre + shift_x, centre + shift_y
+    # x_in = A (x_out - centre - t) + centre
+    b0 = centre - a00 * x0 - a01 * y0
+    b1 = centre - a10 * x0 - a11 * y0
+    parts = [a00, a01, b0, a10, a11, b1]
+    shape = tf.shape(parts[0])
+    for part in parts[1:]:
+        shape = tf.broadcast_dynamic_shape(shape, tf.shape(part))
+    return tf.stack([tf.broadcast_to(part, shape) for part in parts], axis=-1)
+
+
+def _transforms(batch: tf.Tensor, size: int, augment: tuple[str, ...], seed: tf.Tensor) -> tf.Tensor:
+    """Random per-image maps [B, 6] for the named augmentations, drawn from the stateless seed `seed`.
+
+    One map per image does all the named augmentations in a single resampling pass.
+    """
+    return _maps_from_draws(tf.random.stateless_uniform([batch, 5], seed=seed), size, augment)
+
+
+def _maps_from_draws(u: tf.Tensor, size: int, augment: tuple[str, ...]) -> tf.Tensor:
+    """The maps [B, 6] of the named augmentations for uniform draws u in [0, 1) of shape [B, 5].
+
+    Columns of u: mirror (below 0.5 mirrors), rotation angle, quarter turn, shift in x, shift in y; an augmentation
+    that is not named ignores its column.
+    """
+    batch = tf.shape(u)[0]
     ones, zeros = tf.ones([batch]), tf.zeros([batch])
     flip = tf.where(u[:, 0] < 0.5, -ones, ones) if "flip" in augment else ones
     theta = (u[:, 1] * 2.0 - 1.0) * (MAX_ROTATE_DEGREES * math.pi / 180.0) if "rotate" in augment else zeros
@@ -157,16 +200,10 @@ def _transforms(batch: tf.Tensor, size: int, augment: tuple[str, ...], seed: tf.
     else:
         cos90, sin90 = ones, zeros
     shift = (u[:, 3:5] * 2.0 - 1.0) * (MAX_TRANSLATE * size) if "translate" in augment else tf.zeros([batch, 2])
-    # R(theta) R90(k) = [[c, -s], [s, c]]; A = F [[c, s], [-s, c]] (F negates the x row).
+    # R(theta) R90(k) = [[c, -s], [s, c]]
     c = tf.cos(theta) * cos90 - tf.sin(theta) * sin90
     s = tf.sin(theta) * cos90 + tf.cos(theta) * sin90
-    a00, a01, a10, a11 = flip * c, flip * s, -s, c
-    centre = (size - 1) / 2.0
-    x0, y0 = centre + shift[:, 0], centre + shift[:, 1]
-    # x_in = A (x_out - centre - t) + centre
-    b0 = centre - a00 * x0 - a01 * y0
-    b1 = centre - a10 * x0 - a11 * y0
-    return tf.stack([a00, a01, b0, a10, a11, b1], axis=1)
+    return affine_maps(size, flip=flip, cos=c, sin=s, shift_x=shift[:, 0], shift_y=shift[:, 1])
 
 
 def _source_pixel(coordinate: tf.Tensor, size: int) -> tf.Tensor:
@@ -181,14 +218,23 @@ def _source_pixel(coordinate: tf.Tensor, size: int) -> tf.Tensor:
     return tf.clip_by_value(tf.cast(v, tf.int32), 0, size - 1)  # v >= 0 here, so the cast is a floor
 
 
+def resample(images: tf.Tensor, transforms: tf.Tensor, preprocessing: str | None = None) -> tf.Tensor:
+    """Nearest-neighbour resampling of square images [B, S, S, C] by per-image affine maps [B, 6] (`affine_maps`).
+
+    A map takes an output pixel to the input pixel it shows (cv2.warpAffine's WARP_INVERSE_MAP); pixels it places
+    outside the image are filled by reflection that repeats the edge pixel (cv2's BORDER_REFLECT). The result
+    keeps the dtype of `images`, or with `preprocessing` is the backbone's float32 input, computed in the same pass.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank != 4 or images.shape[1] is None or images.shape[1] != images.shape[2]:
+        raise ValueError(f"resample needs a batch of square images of static size [B, S, S, C], got {images.shape}")
+    return _resample(images, tf.convert_to_tensor(transforms, tf.float32), preprocessing)
+
+
 @tf.function(jit_compile=True)
 def _resample(images: tf.Tensor, transforms: tf.Tensor, preprocessing: str | None) -> tf.Tensor:
-    """Nearest-neighbour resampling of square images [B, S, S, C] by per-image affine maps [B, 6], then (unless
-    `preprocessing` is None) the backbone's preprocessing.
-
-    Compiled with XLA, which fuses the index arithmetic, the gather and the preprocessing into one loop over the
-    output pixels: the augmentation then costs about what the preprocessing alone costs without XLA.
-    """
+    # Compiled with XLA, which fuses the index arithmetic, the gather and the preprocessing into one loop over the
+    # output pixels.
     size = images.shape[1]
     r = tf.range(size, dtype=tf.float32)
     t = transforms[:, :, None, None]  # [B, 6, 1, 1]: broadcast against rows (y) and columns (x)
@@ -214,7 +260,7 @@ def augment_batch(
     augment = tuple(augment)
     if not augment:
         return images if preprocessing is None else preprocess(images, preprocessing)
-    return _resample(images, _transforms(tf.shape(images)[0], images.shape[1], augment, seed), preprocessing)
+    return resample(images, _transforms(tf.shape(images)[0], images.shape[1], augment, seed), preprocessing)
 
 
 def make_dataset(

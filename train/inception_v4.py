@@ -10,7 +10,7 @@ average counts only the pixels inside the image (tests/test_backbones.py checks 
 Branches are concatenated on the channel axis in timm's order, so the channel layout of every block, and of
 the 1536-channel output, is timm's.
 
-Layer names mirror timm's module paths so weights map one to one (issue 6):
+Layer names mirror timm's module paths so weights map one to one (for the weight converter, train/weights.py):
 
 - timm's `features` has 22 children; `TIMM_FEATURE_BLOCKS[i]` is our name for `features.i`:
   `stem1`, `stem2`, `stem3` (the three stem convolutions), `mixed_3a`, `mixed_4a`, `mixed_5a`,
@@ -198,7 +198,7 @@ def _check_input_shape(input_shape) -> tuple:
     return shape
 
 
-def InceptionV4(
+def InceptionV4(  # noqa: N802  (named like the keras.applications constructors)
     include_top: bool = True,
     weights: str | Path | None = None,
     input_tensor=None,

@@ -1,4 +1,4 @@
-"""Exact multi-label metrics in numpy: per-class average precision, mAP, samples-averaged F-beta, threshold tuning.
+"""Exact multi-label metrics in numpy: per-class average precision, mAP, F-beta (per sample, per class), thresholds.
 
 Average precision follows scikit-learn's `average_precision_score` exactly: AP = sum over distinct score thresholds
 (highest first) of (R_n - R_{n-1}) * P_n, so tied scores enter together as one step. mAP is the mean over the
@@ -59,7 +59,9 @@ def mean_average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(kept.mean()) if kept.size else float("nan")
 
 
-def _fbeta_per_sample(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: float, zero_division: float) -> np.ndarray:
+def _fbeta(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: float, zero_division: float) -> np.ndarray:
+    """The one F-beta formula, from counts: (1 + b^2) tp / ((1 + b^2) tp + b^2 fn + fp); `zero_division` where
+    the denominator is 0 (no true and no predicted label)."""
     b2 = beta * beta
     denom = (1 + b2) * tp + b2 * fn + fp
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -67,19 +69,31 @@ def _fbeta_per_sample(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: floa
     return score
 
 
+def _counts(y_true: np.ndarray, y_pred: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tp, fp, fn) of 0/1 predictions, summed along `axis` (1: per sample, 0: per class)."""
+    y_true = np.asarray(y_true, dtype=bool)
+    y_pred = np.asarray(y_pred, dtype=bool)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"labels have shape {y_true.shape} but predictions have shape {y_pred.shape}")
+    return (y_true & y_pred).sum(axis=axis), (~y_true & y_pred).sum(axis=axis), (y_true & ~y_pred).sum(axis=axis)
+
+
 def fbeta_samples(y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.0, zero_division: float = 0.0) -> float:
     """Samples-averaged F-beta of 0/1 predictions, as sklearn's fbeta_score(average="samples").
 
     A sample with no true and no predicted label scores `zero_division` (sklearn's default gives 0).
     """
-    y_true = np.asarray(y_true, dtype=bool)
-    y_pred = np.asarray(y_pred, dtype=bool)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"labels have shape {y_true.shape} but predictions have shape {y_pred.shape}")
-    tp = (y_true & y_pred).sum(axis=1)
-    fp = (~y_true & y_pred).sum(axis=1)
-    fn = (y_true & ~y_pred).sum(axis=1)
-    return float(_fbeta_per_sample(tp, fp, fn, beta, zero_division).mean())
+    return float(_fbeta(*_counts(y_true, y_pred, axis=1), beta, zero_division).mean())
+
+
+def fbeta_per_class(
+    y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.0, zero_division: float = 0.0
+) -> np.ndarray:
+    """F-beta of each class (column) of 0/1 predictions, as sklearn's fbeta_score(average=None).
+
+    A class with no true and no predicted label scores `zero_division`.
+    """
+    return _fbeta(*_counts(y_true, y_pred, axis=0), beta, zero_division).astype(np.float64)
 
 
 def f2_samples(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -110,7 +124,7 @@ def tune_thresholds(
             fn_o = (truth[:, others] & ~pred[:, others]).sum(axis=1)[:, None]
             cand = y_score[:, k : k + 1] >= grid[None, :]  # samples x candidates
             t = truth[:, k : k + 1]
-            f = _fbeta_per_sample(tp_o + (t & cand), fp_o + (~t & cand), fn_o + (t & ~cand), beta, 0.0).mean(axis=0)
+            f = _fbeta(tp_o + (t & cand), fp_o + (~t & cand), fn_o + (t & ~cand), beta, 0.0).mean(axis=0)
             best = np.flatnonzero(np.isclose(f, f.max(), rtol=0, atol=1e-12))
             current = np.flatnonzero(np.isclose(grid, thresholds[k]))
             choice = grid[current[0]] if current.size and current[0] in best else grid[best[0]]
@@ -121,3 +135,13 @@ def tune_thresholds(
         if not changed:
             break
     return thresholds
+
+
+_BCE_EPSILON = 1e-7  # the probability clip of keras.losses.binary_crossentropy
+
+
+def binary_crossentropy(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Mean binary cross-entropy over all labels, with Keras's clipping of probabilities to [1e-7, 1 - 1e-7]."""
+    p = np.clip(np.asarray(y_prob, np.float64), _BCE_EPSILON, 1.0 - _BCE_EPSILON)
+    y = np.asarray(y_true, np.float64)
+    return float(np.mean(-(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))))

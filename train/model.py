@@ -60,7 +60,7 @@ def estimate_batchnorm_statistics(backbone: keras.Model, images) -> int:
             layer.momentum = 0.0
         backbone(images, training=True)
     finally:
-        for layer, momentum in zip(layers, momenta):
+        for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
     return len(layers)
 

@@ -8,15 +8,21 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from common.atomic import atomic_write_bytes  # noqa: E402
+from common.atomic import atomic_write_bytes
+
+STAGE_BOUNDARY_LABEL = "stage 1 | stage 2"
 
 
-def plot_curves(history: pd.DataFrame, frozen_epochs: int, path: str | Path, title: str = "") -> None:
-    """Draw loss, val_loss and val_map against epoch; a dashed line after epoch `frozen_epochs` marks stage 2."""
+def curves_figure(history: pd.DataFrame, frozen_epochs: int, title: str = "") -> Figure:
+    """Loss and val_loss (left), val_map (right) against epoch; a dashed line at `frozen_epochs` + 0.5 marks stage 2.
+
+    The line is drawn only when both stages have epochs in `history`. The caller closes the figure.
+    """
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     epochs = history["epoch"]
     ax_loss.plot(epochs, history["loss"], "o-", label="train loss")
@@ -31,14 +37,22 @@ def plot_curves(history: pd.DataFrame, frozen_epochs: int, path: str | Path, tit
         ax_map.plot([best["epoch"]], [best["val_map"]], "*", color="tab:red", markersize=14, label="best")
     for ax in (ax_loss, ax_map):
         if 0 < frozen_epochs < (epochs.max() if len(history) else 0):
-            ax.axvline(frozen_epochs + 0.5, color="grey", linestyle="--", label="stage 1 | stage 2")
+            ax.axvline(frozen_epochs + 0.5, color="grey", linestyle="--", label=STAGE_BOUNDARY_LABEL)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    return fig
+
+
+def plot_curves(history: pd.DataFrame, frozen_epochs: int, path: str | Path, title: str = "") -> None:
+    """Write `curves_figure` as a PNG to `path`, atomically."""
+    fig = curves_figure(history, frozen_epochs, title)
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
