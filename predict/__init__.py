@@ -1,5 +1,6 @@
-"""The predict stage: submissions, test-time augmentation, evaluation and backbone comparison from RUN_DIRs on a DATA_DIR.
+"""The predict stage: submissions, test-time augmentation, evaluation and backbone comparison from RUN_DIRs on a
+DATA_DIR.
 
 Modules: runs (load a RUN_DIR), tta (the view list), inference (tf.data + one model call per batch, ensembles),
-thresholds, submission, evaluate, compare; `python -m predict` is the command line.
+options (the checks of the options), thresholds, submission, evaluate, compare; `python -m predict` is the command line.
 """

@@ -1,4 +1,5 @@
-"""Command line of the predict stage: `python -m predict submit|evaluate|compare ...` (argparse only; the work is in the modules).
+"""Command line of the predict stage: `python -m predict submit|evaluate|compare ...` (argparse only; the work is in
+the modules).
 
 Exit status: 0 on success, 2 for bad input (an unusable RUN_DIR or DATA_DIR, missing or unreadable images,
 runs that cannot be ensembled, a bad option), with a message on stderr naming the file or ids.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from common.tf_logging import quiet_tensorflow_startup
@@ -16,92 +18,102 @@ from common.tf_logging import quiet_tensorflow_startup
 quiet_tensorflow_startup()  # before the first TensorFlow import below
 
 from crawl.manifest import DataDirError
+from predict.compare import CompareConfig, compare
 from predict.errors import PredictError
-from predict.tta import MAX_TTA
+from predict.evaluate import EvaluateConfig, evaluate, format_report
+from predict.options import check_batch_size, check_choice
+from predict.submission import FORMATS, MISSING_MODES, SubmitConfig, submit
+from predict.thresholds import parse_threshold
+from predict.tta import MAX_TTA, check_tta
 
 EXIT_BAD_INPUT = 2
+Config = SubmitConfig | EvaluateConfig | CompareConfig
+
+# The defaults of the command line are the configs' own.
+_SUBMIT = SubmitConfig(runs=(), data=Path("."), out=Path("."))
+_EVALUATE = EvaluateConfig(runs=(), data=Path("."))
+_COMPARE = CompareConfig(runs=(), data=Path("."))
 
 
-def _tta(text: str) -> int:
+def _integer(text: str) -> int | str:
     try:
-        n = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_TTA}, got {text!r}") from None
-    if not 1 <= n <= MAX_TTA:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_TTA} (the number of defined views), got {n}")
-    return n
+        return text  # the check names the bad text
 
 
-def _threshold(text: str) -> str:
-    from predict.thresholds import parse_threshold
+def _checked(check: Callable, convert: Callable = str) -> Callable[[str], object]:
+    """An argparse type that runs one of the configs' checks, so argparse reports a bad value as a usage error."""
 
-    try:
-        return parse_threshold(text)
-    except PredictError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    def parse(text: str):
+        try:
+            return check(convert(text))
+        except PredictError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return n
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m predict", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, tta_default: int) -> None:
+    def common(p: argparse.ArgumentParser, defaults: Config) -> None:
         p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s) written by python -m train")
         p.add_argument("--data", required=True, type=Path, metavar="DATA_DIR", help="crawled DATA_DIR to predict on")
-        p.add_argument("--tta", type=_tta, default=tta_default, help=f"test-time views, 1..{MAX_TTA} (default {tta_default})")
-        p.add_argument("--batch-size", type=_positive, default=16, help="images per model call before TTA (default 16)")
+        p.add_argument("--tta", type=_checked(check_tta, _integer), default=defaults.tta,
+                       help=f"test-time views, 1..{MAX_TTA} (default {defaults.tta})")
+        p.add_argument("--batch-size", type=_checked(check_batch_size, _integer), default=defaults.batch_size,
+                       help=f"images per model call before TTA (default {defaults.batch_size})")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    def threshold(p: argparse.ArgumentParser, defaults: SubmitConfig | EvaluateConfig) -> None:
+        p.add_argument("--threshold", type=_checked(parse_threshold), default=defaults.threshold,
+                       help=f"{defaults.threshold} (default), tuned, or a number")
+
     s = sub.add_parser("submit", help="write a submission CSV for every id of the DATA_DIR's list")
-    common(s, 1)
+    common(s, _SUBMIT)
     s.add_argument("--out", required=True, type=Path, help="submission file, e.g. submissions/NAME.csv")
-    s.add_argument("--threshold", type=_threshold, default="0.5", help="0.5 (default), tuned, or a number")
-    s.add_argument("--format", choices=["jd", "csv", "proba"], default="jd", help="jd (default), csv or proba")
-    s.add_argument("--missing", choices=["error", "fill"], default="error", help="ids without an image: error or fill")
+    threshold(s, _SUBMIT)
+    s.add_argument("--format", type=_checked(lambda v: check_choice("--format", v, FORMATS)), default=_SUBMIT.format,
+                   metavar="{" + ",".join(FORMATS) + "}", help=f"{', '.join(FORMATS)} (default {_SUBMIT.format})")
+    s.add_argument("--missing", type=_checked(lambda v: check_choice("--missing", v, MISSING_MODES)),
+                   default=_SUBMIT.missing, metavar="{" + ",".join(MISSING_MODES) + "}",
+                   help=f"ids without an image: {' or '.join(MISSING_MODES)} (default {_SUBMIT.missing})")
 
     e = sub.add_parser("evaluate", help="mAP, F2 and per-class figures on a labelled DATA_DIR")
-    common(e, 1)
-    e.add_argument("--threshold", type=_threshold, default="0.5", help="0.5 (default), tuned, or a number")
-    e.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    common(e, _EVALUATE)
+    threshold(e, _EVALUATE)
+    e.add_argument("--out", type=Path, default=_EVALUATE.out, help="write the report as JSON here")
 
     c = sub.add_parser("compare", help="compare runs: table (Markdown, CSV) and bar chart, sorted by mAP")
-    common(c, 8)
-    c.add_argument("--out", type=Path, default=Path("submissions/compare"), help="output folder")
+    common(c, _COMPARE)
+    c.add_argument("--out", type=Path, default=_COMPARE.out, help=f"output folder (default {_COMPARE.out})")
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> Config:
+    """The command line as the config of its command (checked again by the command's `resolve()`)."""
+    a = build_parser().parse_args(argv)
+    shared = dict(runs=tuple(a.runs), data=a.data, tta=a.tta, batch_size=a.batch_size, progress=not a.no_progress)
+    if a.command == "submit":
+        return SubmitConfig(**shared, out=a.out, threshold=a.threshold, format=a.format, missing=a.missing)
+    if a.command == "evaluate":
+        return EvaluateConfig(**shared, threshold=a.threshold, out=a.out)
+    return CompareConfig(**shared, out=a.out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    progress = not args.no_progress
-    runs = tuple(args.runs)
+    config = parse_args(argv)
     try:
-        if args.command == "submit":
-            from predict.submission import SubmitConfig, submit
-
-            result = submit(
-                SubmitConfig(runs, args.data, args.out, args.tta, args.threshold, args.format, args.batch_size, args.missing, progress)
-            )
-            print(result.summary())
-        elif args.command == "evaluate":
-            from predict.evaluate import EvaluateConfig, evaluate, format_report
-
-            report = evaluate(EvaluateConfig(runs, args.data, args.tta, args.threshold, args.out, args.batch_size, progress))
+        if isinstance(config, SubmitConfig):
+            print(submit(config).summary())
+        elif isinstance(config, EvaluateConfig):
+            report = evaluate(config)
             print(format_report(report))
-            print(f"wrote {args.out}" if args.out else json.dumps({k: report[k] for k in ("map", "f2")}))
+            print(f"wrote {config.out}" if config.out else json.dumps({k: report[k] for k in ("map", "f2")}))
         else:
-            from predict.compare import CompareConfig, compare
-
-            result = compare(CompareConfig(runs, args.data, args.tta, args.out, args.batch_size, progress))
+            result = compare(config)
             print(result.markdown, end="")
             print(f"wrote {result.markdown_path}, {result.csv_path}, {result.chart_path}")
     except (PredictError, DataDirError) as err:

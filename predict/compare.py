@@ -9,6 +9,7 @@ picks a backbone, in the spirit of timm's validate.py results CSV.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import io
 import math
@@ -25,6 +26,7 @@ from common.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_tex
 from predict.errors import PredictError
 from predict.evaluate import load_labelled
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
+from predict.options import check_batch_size, check_runs
 from predict.runs import load_run
 from predict.thresholds import apply_thresholds
 from predict.tta import check_tta
@@ -49,9 +51,9 @@ COLUMNS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CompareConfig:
-    """Settings of `python -m predict compare`."""
+    """Settings of `python -m predict compare`; `resolve()` checks them (`compare` calls it)."""
 
     runs: tuple[Path, ...]
     data: Path
@@ -59,6 +61,20 @@ class CompareConfig:
     out: Path = DEFAULT_OUT
     batch_size: int = DEFAULT_BATCH_SIZE
     progress: bool = True
+
+    def resolve(self) -> CompareConfig:
+        """A copy with every option checked; raises PredictError."""
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise PredictError(f"--out {out} is a file; compare writes a folder (compare.md, compare.csv, compare.png)")
+        return dataclasses.replace(
+            self,
+            runs=check_runs(self.runs),
+            data=Path(self.data),
+            tta=check_tta(self.tta),
+            out=out,
+            batch_size=check_batch_size(self.batch_size),
+        )
 
 
 @dataclass(frozen=True)
@@ -141,7 +157,7 @@ def markdown_table(table: pd.DataFrame, tta: int) -> str:
 def _labels(table: pd.DataFrame) -> list[str]:
     # The backbone names the bar, unless two runs share a backbone: then the run name tells them apart.
     counts = table["backbone"].value_counts()
-    return [b if counts[b] == 1 else f"{b}\n{r}" for b, r in zip(table["backbone"], table["run"])]
+    return [b if counts[b] == 1 else f"{b}\n{r}" for b, r in zip(table["backbone"], table["run"], strict=True)]
 
 
 def chart_png(table: pd.DataFrame, tta: int, title: str) -> bytes:
@@ -167,15 +183,8 @@ def chart_png(table: pd.DataFrame, tta: int, title: str) -> bytes:
 
 def compare(config: CompareConfig) -> CompareResult:
     """Evaluate each run on the DATA_DIR and write compare.md, compare.csv and compare.png into `config.out`."""
-    if not config.runs:
-        raise PredictError("no RUN_DIR given")
-    try:
-        tta = check_tta(config.tta)
-    except ValueError as err:
-        raise PredictError(str(err)) from None
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise PredictError(f"--out {out} is a file; compare writes a folder (compare.md, compare.csv, compare.png)")
+    config = config.resolve()
+    tta, out = config.tta, config.out
     rows = [
         compare_run(p, config.data, tta=tta, batch_size=config.batch_size, progress=config.progress)
         for p in config.runs

@@ -7,10 +7,11 @@ and counted; an image that cannot be decoded is an error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -18,15 +19,16 @@ from common.atomic import atomic_write_json
 from crawl.manifest import read_data_dir
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
+from predict.options import check_batch_size, check_runs
 from predict.runs import load_runs
 from predict.thresholds import DEFAULT_THRESHOLD, apply_thresholds, parse_threshold, resolve_thresholds
 from predict.tta import check_tta
-from train.metrics import f2_samples, mean_average_precision, per_class_average_precision
+from train.metrics import f2_samples, fbeta_per_class, mean_average_precision, per_class_average_precision
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
-    """Settings of `python -m predict evaluate`."""
+    """Settings of `python -m predict evaluate`; `resolve()` checks them (`evaluate` calls it)."""
 
     runs: tuple[Path, ...]
     data: Path
@@ -35,6 +37,18 @@ class EvaluateConfig:
     out: Path | None = None  # JSON report; printed only when None
     batch_size: int = DEFAULT_BATCH_SIZE
     progress: bool = True
+
+    def resolve(self) -> EvaluateConfig:
+        """A copy with every option checked and the threshold in canonical form; raises PredictError."""
+        return dataclasses.replace(
+            self,
+            runs=check_runs(self.runs),
+            data=Path(self.data),
+            tta=check_tta(self.tta),
+            threshold=parse_threshold(self.threshold),
+            out=None if self.out is None else Path(self.out),
+            batch_size=check_batch_size(self.batch_size),
+        )
 
 
 @dataclass(frozen=True)
@@ -51,7 +65,9 @@ def load_labelled(data_path: str | Path, classes: Sequence[str]) -> LabelledImag
     """Stored images and labels of a labelled DATA_DIR, labels reordered to `classes` (the runs' order)."""
     data = read_data_dir(data_path)
     if not data.labelled:
-        raise PredictError(f"{data.root}: this DATA_DIR has no labels (no classes.txt); evaluate needs a labelled crawl")
+        raise PredictError(
+            f"{data.root}: this DATA_DIR has no labels (no classes.txt); evaluate needs a labelled crawl"
+        )
     if set(data.classes) != set(classes):
         raise PredictError(
             f"{data.root}: its classes differ from the runs' (only in the data: "
@@ -67,16 +83,6 @@ def load_labelled(data_path: str | Path, classes: Sequence[str]) -> LabelledImag
     )
 
 
-def per_class_f2(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """F2 of each class column (binary), 0 where it is undefined (no positives and no predictions)."""
-    y_true, y_pred = np.asarray(y_true).astype(bool), np.asarray(y_pred).astype(bool)
-    tp = (y_true & y_pred).sum(axis=0)
-    fp = (~y_true & y_pred).sum(axis=0)
-    fn = (y_true & ~y_pred).sum(axis=0)
-    denominator = 5 * tp + 4 * fn + fp  # F_beta = (1+b^2) tp / ((1+b^2) tp + b^2 fn + fp), b = 2
-    return np.divide(5.0 * tp, denominator, out=np.zeros(len(tp)), where=denominator > 0)
-
-
 def _number(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
@@ -84,11 +90,12 @@ def _number(x: float) -> float | None:
 def evaluation_report(
     y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], thresholds: np.ndarray
 ) -> dict:
-    """{"map", "f2", "per_class": {class: {"ap", "f2", "support", "threshold"}}}; AP is null for a class without positives."""
+    """{"map", "f2", "per_class": {class: {"ap", "f2", "support", "threshold"}}}; AP is null for a class without
+    positives."""
     y_true = np.asarray(y_true)
     y_pred = apply_thresholds(probabilities, thresholds)
     ap = per_class_average_precision(y_true, probabilities)
-    f2 = per_class_f2(y_true, y_pred)
+    f2 = fbeta_per_class(y_true, y_pred, beta=2.0)  # 0 for a class with no positive and no prediction
     support = y_true.sum(axis=0)
     return {
         "map": float(mean_average_precision(y_true, probabilities)),
@@ -117,15 +124,11 @@ def format_report(report: dict) -> str:
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    """Score the ensemble of `config.runs` on the labelled DATA_DIR; returns the report and writes it as JSON to `out`."""
-    try:
-        check_tta(config.tta)
-    except ValueError as err:
-        raise PredictError(str(err)) from None
-    threshold = parse_threshold(config.threshold)
+    """Score the ensemble of `config.runs` on the labelled DATA_DIR; returns the report, written as JSON to `out`."""
+    config = config.resolve()
     runs = load_runs(config.runs)
     classes = runs[0].classes
-    thresholds = resolve_thresholds(threshold, runs)
+    thresholds = resolve_thresholds(config.threshold, runs)
     images = load_labelled(config.data, classes)
     if not images.ids:
         raise PredictError(f"{config.data}: no stored images to evaluate on")
@@ -135,7 +138,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     report = evaluation_report(images.labels, prediction.probabilities, classes, thresholds)
     report.update(
         {
-            "threshold": threshold,
+            "threshold": config.threshold,
             "tta": config.tta,
             "runs": [str(r.path) for r in runs],
             "data": str(config.data),

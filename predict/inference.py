@@ -1,4 +1,5 @@
-"""Score images with one run or an ensemble of runs: tf.data decode and resize, TTA views, preprocessing, one model call per batch.
+"""Score images with one run or an ensemble of runs: tf.data decode and resize, TTA views, preprocessing, one model
+call per batch.
 
 The decode/resize is `train.data.load_image` and the preprocessing `train.preprocess.preprocess` with the run's
 mode: the very code training used, so there is no train/serve skew. TTA views (predict.tta) act on the decoded
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -20,8 +21,8 @@ from tqdm import tqdm
 
 from predict.errors import PredictError
 from predict.runs import Run
-from predict.tta import average_views, check_tta, tta_views
-from train.data import load_image
+from predict.tta import average_views, tta_views
+from train.data import load_image, pipeline_options
 from train.preprocess import preprocess
 
 DEFAULT_BATCH_SIZE = 16  # images per model call before TTA: the model sees batch_size * tta images at once
@@ -56,9 +57,8 @@ def image_dataset(
     """Batches of (model input of shape (tta*B, S, S, 3), readable flags of shape (B,)) for `paths`, in order.
 
     Decoding runs in parallel (deterministic order); the views are built from the decoded batch, then
-    preprocessed, so each batch is one model call.
+    preprocessed, so each batch is one model call. The tf.data options are training's (`pipeline_options`).
     """
-    tta = check_tta(tta)
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
     ds = ds.map(lambda p: load_image(p, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
@@ -67,7 +67,7 @@ def image_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
 
 
 def predict_run(
@@ -82,11 +82,9 @@ def predict_run(
     """Probabilities of one run for existing image files `paths` (averaged over `tta` views).
 
     warmup=True first scores batches of zeros of the shapes this pass uses, so that tracing the model is not
-    counted in `seconds` (used when the speed is reported).
+    counted in `seconds` (used when the speed is reported). `tta` and `batch_size` are taken as checked (the
+    configs' `resolve()` checks them).
     """
-    tta = check_tta(tta)
-    if batch_size < 1:
-        raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
     n, k = len(paths), len(run.classes)
     probabilities = np.zeros((n, k), dtype=np.float64)
     readable = np.zeros(n, dtype=bool)
@@ -106,7 +104,8 @@ def predict_run(
             b = int(ok.shape[0])
             scores = np.asarray(run.model.predict_on_batch(inputs))
             if scores.shape != (b * tta, k):
-                raise PredictError(f"{run.path}: model returned scores of shape {scores.shape}, expected {(b * tta, k)}")
+                expected = (b * tta, k)
+                raise PredictError(f"{run.path}: model returned scores of shape {scores.shape}, expected {expected}")
             probabilities[done : done + b] = average_views(scores, tta)
             readable[done : done + b] = ok.numpy()
             done += b
@@ -159,4 +158,4 @@ def predict_ensemble(
                 f"{len(bad)} image(s) cannot be decoded: {describe_images(ids, paths, bad)}. "
                 f"Re-crawl them (delete them from the DATA_DIR and run the crawl again)."
             )
-    return Prediction(total / len(runs), readable, seconds, check_tta(tta))
+    return Prediction(total / len(runs), readable, seconds, tta)

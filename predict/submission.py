@@ -13,10 +13,11 @@ written atomically, after every prediction succeeded, so a failed run leaves an 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from common.atomic import atomic_write_text
 from crawl.manifest import LIST_FILE, read_data_dir
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
+from predict.options import check_batch_size, check_choice, check_runs
 from predict.runs import load_runs
 from predict.thresholds import DEFAULT_THRESHOLD, apply_thresholds, parse_threshold, resolve_thresholds
 from predict.tta import check_tta
@@ -33,9 +35,9 @@ MISSING_MODES = ("error", "fill")
 _LISTED = 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SubmitConfig:
-    """Settings of `python -m predict submit`."""
+    """Settings of `python -m predict submit`; `resolve()` checks them (`submit` calls it)."""
 
     runs: tuple[Path, ...]
     data: Path
@@ -46,6 +48,23 @@ class SubmitConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     missing: str = "error"
     progress: bool = True
+
+    def resolve(self) -> SubmitConfig:
+        """A copy with every option checked and the threshold in canonical form; raises PredictError."""
+        out = Path(self.out)
+        if out.is_dir():
+            raise PredictError(f"--out {out} is a directory; give a file name such as submissions/NAME.csv")
+        return dataclasses.replace(
+            self,
+            runs=check_runs(self.runs),
+            data=Path(self.data),
+            out=out,
+            tta=check_tta(self.tta),
+            threshold=parse_threshold(self.threshold),
+            format=check_choice("--format", self.format, FORMATS),
+            batch_size=check_batch_size(self.batch_size),
+            missing=check_choice("--missing", self.missing, MISSING_MODES),
+        )
 
 
 @dataclass(frozen=True)
@@ -75,12 +94,10 @@ def format_submission(
     filled: np.ndarray | None = None,
     fill_probabilities: np.ndarray | None = None,
 ) -> str:
-    """The submission text for `ids` (rows in that order) given their probabilities.
+    """The submission text for `ids` (rows in that order) given their probabilities, in format `fmt` (of FORMATS).
 
     Rows where `filled` is True get zero flags, or `fill_probabilities` (the training prevalence) in `proba`.
     """
-    if fmt not in FORMATS:
-        raise PredictError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.shape != (len(ids), len(classes)):
         raise ValueError(f"probabilities have shape {probabilities.shape}, expected {(len(ids), len(classes))}")
@@ -95,12 +112,12 @@ def format_submission(
                 raise ValueError("fill_probabilities are needed to fill probability rows")
             probabilities = probabilities.copy()
             probabilities[filled] = np.asarray(fill_probabilities, dtype=np.float64)
-        for id_, row in zip(ids, probabilities):
+        for id_, row in zip(ids, probabilities, strict=True):
             writer.writerow([id_, *(f"{p:.6f}" for p in row)])
     else:
         flags = apply_thresholds(probabilities, thresholds)
         flags[filled] = 0
-        for id_, row in zip(ids, flags):
+        for id_, row in zip(ids, flags, strict=True):
             writer.writerow([id_, *(str(int(f)) for f in row)])
     return buf.getvalue()
 
@@ -108,7 +125,7 @@ def format_submission(
 def _missing_message(data, missing: list[str], n_ids: int) -> str:
     reasons = {}
     if len(data.failed):
-        reasons = dict(zip(data.failed["id"], data.failed["reason"]))
+        reasons = dict(zip(data.failed["id"], data.failed["reason"], strict=True))
     shown = [f"{i} ({reasons[i]})" if reasons.get(i) else i for i in missing[:_LISTED]]
     more = len(missing) - len(shown)
     return (
@@ -121,18 +138,7 @@ def _missing_message(data, missing: list[str], n_ids: int) -> str:
 
 def submit(config: SubmitConfig) -> SubmitResult:
     """Predict every id of the DATA_DIR's list with the ensemble of runs and write the submission atomically."""
-    if config.format not in FORMATS:
-        raise PredictError(f"--format must be one of {', '.join(FORMATS)}, got {config.format!r}")
-    if config.missing not in MISSING_MODES:
-        raise PredictError(f"--missing must be one of {', '.join(MISSING_MODES)}, got {config.missing!r}")
-    try:
-        check_tta(config.tta)
-    except ValueError as err:
-        raise PredictError(str(err)) from None
-    if Path(config.out).is_dir():
-        raise PredictError(f"--out {config.out} is a directory; give a file name such as submissions/NAME.csv")
-    parse_threshold(config.threshold)
-
+    config = config.resolve()
     fill = config.missing == "fill"
     # The DATA_DIR first: reading it is cheap, loading models is not.
     data = read_data_dir(config.data)
@@ -146,7 +152,7 @@ def submit(config: SubmitConfig) -> SubmitResult:
     thresholds = resolve_thresholds(config.threshold, runs)  # before predicting: a bad option fails at once
     prevalence = np.mean([r.class_prevalence for r in runs], axis=0) if fill and config.format == "proba" else None
 
-    path_of = dict(zip(data.manifest["id"], data.image_paths()))
+    path_of = dict(zip(data.manifest["id"], data.image_paths(), strict=True))
     stored = [i for i, id_ in enumerate(ids) if id_ in path_of]
     prediction = predict_ensemble(
         runs,
@@ -164,7 +170,7 @@ def submit(config: SubmitConfig) -> SubmitResult:
     text = format_submission(ids, classes, probabilities, thresholds, config.format, filled, prevalence)
     atomic_write_text(config.out, text)
     return SubmitResult(
-        out=Path(config.out),
+        out=config.out,
         rows=len(ids),
         format=config.format,
         thresholds=thresholds,

@@ -6,7 +6,7 @@ averages them over the runs of an ensemble; a number applies to every class.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,8 +32,8 @@ def parse_threshold(text: str) -> str:
 
 
 def resolve_thresholds(spec: str, runs: Sequence[Run]) -> np.ndarray:
-    """One threshold per class (in the runs' class order): the number, or the tuned ones averaged over runs."""
-    spec = parse_threshold(spec)
+    """One threshold per class (in the runs' class order) for a `parse_threshold` result: the number, or the tuned
+    ones averaged over runs."""
     n_classes = len(runs[0].classes)
     if spec == TUNED:
         return np.mean([run.tuned_thresholds for run in runs], axis=0)

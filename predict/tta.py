@@ -1,9 +1,11 @@
 """Test-time augmentation: a fixed, documented list of views of a decoded, resized image batch.
 
 Views act on the float32 0..255 RGB batch that `train.data.load_image` produces, *before* the run's
-preprocessing, so every backbone sees the same views whatever its input range. `--tta N` uses the first N
-views of `TTA_VIEWS`, in this order (s = round(size / 16), at least 1 pixel; shifts fill the uncovered border by
-reflection, so no black bars appear that the model never saw in training):
+preprocessing, so every backbone sees the same views whatever its input range. Each view is a fixed affine map
+resampled by training's own augmentation resampler (`train.data.resample`: nearest neighbour, borders filled by
+reflection that repeats the edge pixel), so a shifted or mirrored view shows the model exactly what a training
+augmentation with the same shift or mirror showed it. `--tta N` uses the first N views of `TTA_VIEWS`, in this
+order (s = round(size / 16), at least 1 pixel):
 
 ====  ======================  ====================================================================
  #    name                    what it does
@@ -14,7 +16,7 @@ reflection, so no black bars appear that the model never saw in training):
  3    shift_down_right_flip   view 2, mirrored
  4    shift_up_left           content moved s px up and s px left
  5    shift_up_left_flip      view 4, mirrored
- 6    zoom_center             the central 7/8 of the image, resized back to full size (bilinear)
+ 6    zoom_center             the central 7/8 of the image, scaled back to full size (nearest neighbour)
  7    zoom_center_flip        view 6, mirrored
  8    shift_down_left         content moved s px down and s px left
  9    shift_down_left_flip    view 8, mirrored
@@ -23,7 +25,7 @@ reflection, so no black bars appear that the model never saw in training):
 ====  ======================  ====================================================================
 
 Every odd view is the mirror of the even view before it, so any even N averages over both orientations.
-The views are deterministic (no randomness) and plain TensorFlow ops, so they run inside the tf.data pipeline.
+The views are deterministic (no randomness) and TensorFlow ops, so they run inside the tf.data pipeline.
 `tta_views` stacks the N views along the batch axis (view-major: all images of view 0, then of view 1...), so one
 model call scores them all; `average_views` undoes that stacking and averages the probabilities.
 """
@@ -35,8 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from predict.errors import PredictError
+from train.data import affine_maps, resample
+
 SHIFT_FRACTION = 1 / 16  # a small shift: well inside the 10% random translation training uses
-ZOOM_FRACTION = 7 / 8  # the central crop kept by the zoom views
+ZOOM_FRACTION = 7 / 8  # the central part of the side that the zoom views scale to full size
 
 
 @dataclass(frozen=True)
@@ -78,58 +83,43 @@ def shift_pixels(size: int) -> int:
 
 
 def check_tta(n: int) -> int:
-    """Validate a view count; returns it. Raises ValueError naming the allowed range."""
+    """Validate a view count (the `--tta` option); returns it. Raises PredictError naming the allowed range."""
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= MAX_TTA:
-        raise ValueError(f"--tta must be an integer from 1 to {MAX_TTA} (the number of defined views), got {n!r}")
+        raise PredictError(f"--tta must be an integer from 1 to {MAX_TTA} (the number of defined views), got {n!r}")
     return int(n)
 
 
-def _shift(images: tf.Tensor, dy: int, dx: int) -> tf.Tensor:
-    # Pad by reflection on the side the content moves away from, then cut the original size back out:
-    # output[y, x] = input[y - dy, x - dx], with reflected pixels where that falls outside the image.
-    if dy == 0 and dx == 0:
-        return images
-    h, w = images.shape[1], images.shape[2]
-    padded = tf.pad(
-        images, [[0, 0], [max(dy, 0), max(-dy, 0)], [max(dx, 0), max(-dx, 0)], [0, 0]], mode="REFLECT"
-    )
-    top, left = max(-dy, 0), max(-dx, 0)
-    return padded[:, top : top + h, left : left + w, :]
+def view_map(view: TTAView, size: int) -> tf.Tensor:
+    """The affine map [6] of one view of a square image of side `size`, for `train.data.resample`.
 
-
-def _zoom(images: tf.Tensor) -> tf.Tensor:
-    h, w = images.shape[1], images.shape[2]
-    ch, cw = int(round(h * ZOOM_FRACTION)), int(round(w * ZOOM_FRACTION))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    crop = images[:, top : top + ch, left : left + cw, :]
-    return tf.image.resize(crop, (h, w), method="bilinear")
+    The view shifts, then zooms, then mirrors; `train.data.affine_maps` mirrors first, so the shift it is given is
+    the view's shift mirrored (and scaled by the zoom).
+    """
+    step = shift_pixels(size)
+    dy, dx = view.shift[0] * step, view.shift[1] * step
+    flip = -1.0 if view.flip else 1.0
+    crop = ZOOM_FRACTION if view.zoom else 1.0
+    return affine_maps(size, flip=flip, shift_x=flip * dx / crop, shift_y=dy / crop, crop=crop)
 
 
 def apply_view(images: tf.Tensor, view: TTAView) -> tf.Tensor:
-    """One view of a batch (B, H, W, C) of float 0..255 images; H and W must be static."""
-    h, w = images.shape[1], images.shape[2]
-    if h is None or w is None:
-        raise ValueError("TTA views need a batch with a static image size (B, H, W, C)")
-    out = images
-    if view.shift != (0, 0):
-        out = _shift(out, view.shift[0] * shift_pixels(h), view.shift[1] * shift_pixels(w))
-    if view.zoom:
-        out = _zoom(out)
-    if view.flip:
-        out = tf.reverse(out, axis=[2])
-    return out
+    """One view of a batch (B, S, S, C) of square images (S static); keeps the dtype."""
+    images = tf.convert_to_tensor(images)
+    maps = tf.tile(view_map(view, images.shape[1])[None], [tf.shape(images)[0], 1])
+    return resample(images, maps)
 
 
 def tta_views(images: tf.Tensor, n: int) -> tf.Tensor:
-    """The first `n` views of a batch (B, H, W, C), stacked view-major along the batch axis: shape (n*B, H, W, C).
+    """The first `n` views of a batch (B, S, S, C), stacked view-major along the batch axis: shape (n*B, S, S, C).
 
-    With n == 1 the batch is returned unchanged, so `--tta 1` is exactly plain prediction.
+    All views go through the resampler in one call. With n == 1 the batch is returned unchanged, so `--tta 1` is
+    exactly plain prediction.
     """
-    n = check_tta(n)
     images = tf.convert_to_tensor(images)
     if n == 1:
         return images
-    return tf.concat([apply_view(images, v) for v in TTA_VIEWS[:n]], axis=0)
+    maps = tf.stack([view_map(v, images.shape[1]) for v in TTA_VIEWS[:n]])  # [n, 6]
+    return resample(tf.tile(images, [n, 1, 1, 1]), tf.repeat(maps, tf.shape(images)[0], axis=0))
 
 
 def average_views(probabilities: np.ndarray, n: int) -> np.ndarray:

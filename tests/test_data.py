@@ -10,7 +10,17 @@ import pytest
 import tensorflow as tf
 
 from tests.datagen import make_data_dir
-from train.data import SkipLog, _transforms, augment_batch, decode_resize, load_image, make_dataset, parse_augment
+from train.data import (
+    SkipLog,
+    _transforms,
+    affine_maps,
+    augment_batch,
+    decode_resize,
+    load_image,
+    make_dataset,
+    parse_augment,
+    resample,
+)
 from train.preprocess import preprocess
 
 SIZE = 32
@@ -45,7 +55,8 @@ def test_load_image_reads_rgb_and_flags_bad_files(tmp_path, data):
         image, ok = load_image(tf.constant(str(data.root / "images" / f"{bad}.jpg")), SIZE)
         assert not bool(ok) and not image.numpy().any()
     # Inside a tf.data map (graph mode) too, without raising.
-    flags = [bool(ok) for _, ok in tf.data.Dataset.from_tensor_slices(_paths(data)[-3:]).map(lambda p: load_image(p, SIZE))]
+    in_graph = tf.data.Dataset.from_tensor_slices(_paths(data)[-3:]).map(lambda p: load_image(p, SIZE))
+    flags = [bool(ok) for _, ok in in_graph]
     assert flags == [True, False, False]
     with pytest.raises(tf.errors.NotFoundError):
         decode_resize(tf.constant(str(tmp_path / "nope.jpg")), SIZE)
@@ -54,7 +65,8 @@ def test_load_image_reads_rgb_and_flags_bad_files(tmp_path, data):
 def test_evaluation_sees_every_readable_image_once_in_order(data):
     paths = _paths(data)
     skips = SkipLog(len(paths))
-    ds = make_dataset(paths, data.labels, image_size=SIZE, preprocessing="inception", batch_size=5, training=False, skips=skips)
+    ds = make_dataset(paths, data.labels, image_size=SIZE, preprocessing="inception", batch_size=5, training=False,
+                      skips=skips)
     batches = list(ds)
     assert [int(b[0].shape[0]) for b in batches] == [5, 5, 2]  # 12 readable images, the last batch partial
     assert skips.take() == [12, 13] and skips.skipped() == list(range(14))  # take() clears the flags
@@ -81,7 +93,7 @@ def test_training_batches_are_full_shuffled_by_seed_and_epoch_and_keep_labels(da
         assert [int(b[0].shape[0]) for b in batches] == [4, 4, 4]  # 12 readable // 4, remainder dropped
         order = [int(np.argmax(row)) for b in batches for row in b[1].numpy()]
         for b in batches:
-            for image, label in zip(b[0].numpy(), b[1].numpy()):
+            for image, label in zip(b[0].numpy(), b[1].numpy(), strict=True):
                 np.testing.assert_array_equal(image, _expected(paths[int(np.argmax(label))]))
         return order
 
@@ -104,29 +116,33 @@ def test_augment_batch_flip_rot90_translate_rotate():
     seed = tf.constant([3, 4], tf.int64)
 
     flipped = augment_batch(images, ("flip",), seed).numpy()
-    kinds = [("same" if (o == i).all() else "mirror" if (o == i[:, ::-1]).all() else "other") for o, i in zip(flipped, src)]
+    kinds = [("same" if (o == i).all() else "mirror" if (o == i[:, ::-1]).all() else "other")
+             for o, i in zip(flipped, src, strict=True)]
     assert "other" not in kinds and {"same", "mirror"} == set(kinds)
 
     turned = augment_batch(images, ("rot90",), seed).numpy()
-    ks = [[k for k in range(4) if (o == np.rot90(i, k)).all()] for o, i in zip(turned, src)]
+    ks = [[k for k in range(4) if (o == np.rot90(i, k)).all()] for o, i in zip(turned, src, strict=True)]
     assert all(len(k) == 1 for k in ks) and len({k[0] for k in ks}) > 1
 
     shifted = augment_batch(images, ("translate",), seed).numpy()
     limit = int(np.ceil(0.1 * s))
-    for o, i in zip(shifted, src):
+    inner = (slice(limit, -limit), slice(limit, -limit))
+    for o, i in zip(shifted, src, strict=True):
         matches = [(dy, dx) for dy in range(-limit, limit + 1) for dx in range(-limit, limit + 1)
-                   if (o[limit:-limit, limit:-limit] == np.roll(i, (dy, dx), axis=(0, 1))[limit:-limit, limit:-limit]).all()]
+                   if (o[inner] == np.roll(i, (dy, dx), axis=(0, 1))[inner]).all()]
         assert len(matches) == 1  # an integer shift of at most 10% (nearest sampling), interior pixels exact
 
     rotated = augment_batch(images, ("rotate",), seed).numpy()
     c = s // 2
     np.testing.assert_array_equal(rotated[:, c, c], src[:, c, c])  # rotation about the centre keeps the centre
-    assert sum((o != i).any() for o, i in zip(rotated, src)) >= 5  # a draw within ~1.7 degrees can be a no-op at 33 px
+    # A draw within ~1.7 degrees can be a no-op at 33 px.
+    assert sum((o != i).any() for o, i in zip(rotated, src, strict=True)) >= 5
     assert set(np.unique(rotated)) <= set(np.unique(src))  # nearest sampling: no new pixel values
 
     everything = ("flip", "translate", "rotate", "rot90")
     np.testing.assert_array_equal(augment_batch(images, everything, seed), augment_batch(images, everything, seed))
-    assert (augment_batch(images, everything, seed).numpy() != augment_batch(images, everything, seed + 1).numpy()).any()
+    other_seed = augment_batch(images, everything, seed + 1).numpy()
+    assert (augment_batch(images, everything, seed).numpy() != other_seed).any()
     np.testing.assert_array_equal(augment_batch(images, (), seed).numpy(), src)
 
 
@@ -186,7 +202,7 @@ def test_augmentation_matches_opencv_warp_and_fuses_the_preprocessing():
     augment = ("flip", "translate", "rotate")
     ours = augment_batch(images, augment, seed).numpy()
     maps = _transforms(8, s, augment, seed).numpy()  # output pixel -> input pixel, rows of a 2x3 matrix
-    for image, affine, mine in zip(images.numpy(), maps, ours):
+    for image, affine, mine in zip(images.numpy(), maps, ours, strict=True):
         reference = cv2.warpAffine(image, affine.reshape(2, 3), (s, s), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                                    borderMode=cv2.BORDER_REFLECT)
         # Pixels whose source lies exactly halfway between two pixels may round either way in either library.
@@ -194,3 +210,26 @@ def test_augmentation_matches_opencv_warp_and_fuses_the_preprocessing():
     fused = augment_batch(images, augment, seed, preprocessing="inception").numpy()
     assert fused.dtype == np.float32
     np.testing.assert_allclose(fused, ours.astype(np.float32) / 127.5 - 1.0, atol=1e-6)
+
+
+def test_resample_by_fixed_maps_keeps_the_dtype_and_repeats_the_edge():
+    """`resample` with maps from `affine_maps` (what prediction's TTA views use) against numpy references."""
+    rng = np.random.default_rng(9)
+    s = 9
+    for dtype in (np.uint8, np.float32):
+        x = rng.integers(0, 256, (2, s, s, 3)).astype(dtype)
+
+        def moved(x=x, dtype=dtype, **kw):
+            out = resample(tf.constant(x), tf.tile(affine_maps(s, **kw)[None], [2, 1])).numpy()
+            assert out.dtype == dtype
+            return out
+
+        np.testing.assert_array_equal(moved(), x)
+        np.testing.assert_array_equal(moved(flip=-1.0), x[:, :, ::-1])
+        # Content 2 px right and 1 px up; uncovered pixels mirror the image with its edge repeated.
+        padded = np.pad(x, [(0, 0), (1, 1), (2, 2), (0, 0)], mode="symmetric")
+        np.testing.assert_array_equal(moved(shift_x=2.0, shift_y=-1.0), padded[:, 2 : 2 + s, 0:s])
+        # A quarter turn (cos 0, sin 1: clockwise on screen, as y points down) maps pixels onto pixels.
+        np.testing.assert_array_equal(moved(cos=0.0, sin=1.0), np.rot90(x, -1, axes=(1, 2)))
+    with pytest.raises(ValueError, match="square images"):
+        resample(tf.zeros([1, 4, 5, 3]), tf.zeros([1, 6]))

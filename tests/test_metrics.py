@@ -9,6 +9,7 @@ from sklearn.metrics import average_precision_score, fbeta_score
 from train.metrics import (
     average_precision,
     f2_samples,
+    fbeta_per_class,
     fbeta_samples,
     mean_average_precision,
     per_class_average_precision,
@@ -80,11 +81,31 @@ def test_f2_samples_equals_sklearn_including_empty_rows():
         p = (rng.random((n, c)) < 0.3).astype(int)
         y[0] = 0
         p[0] = 0  # no true and no predicted label: scores zero_division
-        assert f2_samples(y, p) == pytest.approx(fbeta_score(y, p, beta=2, average="samples", zero_division=0), abs=1e-12)
+        expected = fbeta_score(y, p, beta=2, average="samples", zero_division=0)
+        assert f2_samples(y, p) == pytest.approx(expected, abs=1e-12)
         assert fbeta_samples(y, p, beta=0.5, zero_division=1.0) == pytest.approx(
             fbeta_score(y, p, beta=0.5, average="samples", zero_division=1.0), abs=1e-12
         )
 
+
+
+@pytest.mark.parametrize(("beta", "zero_division"), [(2.0, 0.0), (0.5, 1.0), (1.0, 0.0)])
+def test_fbeta_per_class_equals_sklearn_including_empty_classes(beta, zero_division):
+    rng = np.random.default_rng(int(beta * 10))
+    for _ in range(100):
+        n, c = int(rng.integers(1, 40)), int(rng.integers(3, 8))
+        y = (rng.random((n, c)) < 0.3).astype(int)
+        p = (rng.random((n, c)) < 0.3).astype(int)
+        y[:, 0] = p[:, 0] = 0  # no true and no predicted label: scores zero_division
+        y[:, 1], p[:, 1] = 0, 1  # no positive, only false positives: 0
+        y[:, 2], p[:, 2] = 1, 0  # positives, none predicted: 0
+        ours = fbeta_per_class(y, p, beta=beta, zero_division=zero_division)
+        expected = fbeta_score(y, p, beta=beta, average=None, zero_division=zero_division)
+        assert ours.shape == (c,) and ours.dtype == np.float64
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
+        assert ours[0] == zero_division and ours[1] == ours[2] == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        fbeta_per_class(np.zeros((2, 3)), np.zeros((2, 2)))
 
 def test_tuned_thresholds_beat_or_match_half_and_are_reproducible():
     rng = np.random.default_rng(7)

@@ -1,0 +1,36 @@
+"""The checks of predict's options, one copy each: the configs' `resolve()` and the command line's argparse types
+both call them, so a bad value gets the same message whichever way it comes in.
+
+`--tta` is checked by `predict.tta.check_tta` (it knows the views) and `--threshold` by
+`predict.thresholds.parse_threshold`; the generic checks are here. Each raises PredictError naming the option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from predict.errors import PredictError
+
+
+def check_batch_size(n: int) -> int:
+    """Validate `--batch-size` (images per model call before TTA): a positive integer; returns it."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise PredictError(f"--batch-size must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
+    """Validate an option with a fixed set of values (`--format`, `--missing`); returns the value."""
+    if value not in choices:
+        raise PredictError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_runs(runs: Sequence[str | Path]) -> tuple[Path, ...]:
+    """Validate the RUN_DIR arguments: at least one; returns them as a tuple of paths."""
+    if isinstance(runs, (str, Path)) or not runs:
+        raise PredictError("no RUN_DIR given" if not runs else f"RUN_DIRs must be given as a list, got {runs!r}")
+    return tuple(Path(r) for r in runs)
