@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 import sys
 
+from common.tf_logging import quiet_tensorflow_startup
+
 SUITES = ["crawl", "pipeline", "predict"]
+NEEDS_TENSORFLOW = {"pipeline", "predict"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(SUITES)}", file=sys.stderr)
         return 2
+    if NEEDS_TENSORFLOW & set(names):
+        quiet_tensorflow_startup()  # before bench.pipeline or bench.predict imports TensorFlow
     for name in names:
         print(f"\n=== bench.{name} ===", flush=True)
         importlib.import_module(f"bench.{name}").main([])

@@ -34,12 +34,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from common.synthetic import photo, photo_sizes, write_jpeg
 from train.backbones import get_backbone
 from train.data import DEFAULT_AUGMENT, SkipLog, decode_resize, make_dataset, pipeline_options
 from train.model import build_model, freeze_backbone
@@ -74,28 +74,14 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    # Smooth gradients, shapes and mild noise: JPEG sizes and decode cost like photos, not flat colour.
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.stack([127 + 90 * np.sin(xx / rng.uniform(20, 90) + yy / rng.uniform(20, 90) + k) for k in range(3)], -1)
-    for _ in range(10):
-        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        cv2.rectangle(image, centre, (centre[0] + int(rng.integers(20, 150)), centre[1] + int(rng.integers(20, 150))),
-                      rng.integers(0, 256, 3).tolist(), -1)
-    image += rng.normal(0, 6, image.shape).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
 def make_jpegs(folder: Path, config: PipelineBenchConfig) -> list[str]:
-    """Write (or reuse) `config.images` JPEGs of about height x width (+-40 px) in `folder`; returns their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(config.seed)
+    """Write (or reuse) `config.images` synthetic photos of about height x width (+-40 px) as JPEGs in `folder`;
+    returns their paths. Each picture depends on its index alone, so reusing some files leaves the others alike."""
     paths = []
-    for i in range(config.images):
-        h, w = config.height + int(rng.integers(-40, 41)), config.width + int(rng.integers(-40, 41))
+    for i, (h, w) in enumerate(photo_sizes(config.images, config.height, config.width, seed=config.seed)):
         path = folder / f"p{i:05d}_{w}x{h}.jpg"
         if not path.exists():
-            cv2.imwrite(str(path), _photo_like(rng, h, w), [cv2.IMWRITE_JPEG_QUALITY, 90])
+            write_jpeg(path, photo(h, w, seed=(config.seed, i)), quality=90)
         paths.append(str(path))
     return paths
 
@@ -105,6 +91,9 @@ def _ceiling_dataset(paths: list[str], config: PipelineBenchConfig) -> tf.data.D
     ds = tf.data.Dataset.from_tensor_slices(paths)
     ds = ds.repeat(config.passes).map(lambda p: decode_resize(p, size), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
+
+
+LEGACY_MISSING = "tf-keras is not installed (`make install-bench` installs it)"
 
 
 def _legacy_iterator(paths: list[str], labels: np.ndarray, config: PipelineBenchConfig):
@@ -151,20 +140,29 @@ def _time_legacy(iterator, n_images: int) -> tuple[int, float, float]:
 
 @dataclass
 class _Series:
+    images: list[int] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
 
     def add(self, n: int, seconds: float, cpu: float) -> None:
+        self.images.append(n)
         self.rates.append(n / seconds)
         self.cpu_ms.append(1000.0 * cpu / n)
 
 
-def bench_input(paths: list[str], config: PipelineBenchConfig) -> dict:
-    """Images per second of ceiling, pipeline (default and no augmentation) and legacy, in alternating rounds."""
-    # Whole batches only: the training pipeline drops a partial last batch, which would count decoded images as lost.
-    paths = paths[: max(len(paths) // config.batch_size, 1) * config.batch_size]
+def whole_batches(paths: list[str], batch_size: int) -> list[str]:
+    """The prefix of `paths` that fills whole batches (the training pipeline drops a last partial batch)."""
+    return paths[: max(len(paths) // batch_size, 1) * batch_size]
+
+
+def bench_labels(n: int, config: PipelineBenchConfig) -> np.ndarray:
+    """Seeded random multi-label targets for `n` images (the pipeline's cost does not depend on them)."""
     rng = np.random.default_rng(config.seed)
-    labels = (rng.random((len(paths), config.n_classes)) < 0.3).astype(np.float32)
+    return (rng.random((n, config.n_classes)) < 0.3).astype(np.float32)
+
+
+def input_datasets(paths: list[str], labels: np.ndarray, config: PipelineBenchConfig) -> dict[str, tf.data.Dataset]:
+    """The tf.data series that `bench_input` times, by name; each reads `paths` `config.passes` times."""
 
     def pipeline(augment: tuple[str, ...]) -> tf.data.Dataset:
         ds = make_dataset(paths, labels, image_size=config.image_size, preprocessing="inception",
@@ -172,11 +170,22 @@ def bench_input(paths: list[str], config: PipelineBenchConfig) -> dict:
                           epoch=tf.Variable(0, dtype=tf.int64), skips=SkipLog(len(paths)))
         return ds.repeat(config.passes)
 
-    datasets = {
+    return {
         "ceiling": _ceiling_dataset(paths, config),
         "pipeline": pipeline(DEFAULT_AUGMENT),
         "pipeline_no_augment": pipeline(()),
     }
+
+
+def bench_input(paths: list[str], config: PipelineBenchConfig) -> dict:
+    """Images per second of ceiling, pipeline (default and no augmentation) and legacy, in alternating rounds.
+
+    Each series also reports `images_per_pass`, the images one timed pass read (the same in every round), and
+    without tf-keras `legacy_missing` says why the legacy series is absent.
+    """
+    paths = whole_batches(paths, config.batch_size)  # a partial last batch would count decoded images as lost
+    labels = bench_labels(len(paths), config)
+    datasets = input_datasets(paths, labels, config)
     legacy = _legacy_iterator(paths, labels, config)
     for ds in datasets.values():  # warm-up: traces the functions and fills the page cache
         _time_dataset(ds)
@@ -188,15 +197,19 @@ def bench_input(paths: list[str], config: PipelineBenchConfig) -> dict:
             series[name].add(*_time_dataset(ds))
         if legacy is not None:
             series["legacy"].add(*_time_legacy(legacy, config.legacy_images))
+    for name, s in series.items():
+        if len(set(s.images)) > 1:
+            raise RuntimeError(f"series {name} read a different number of images in different rounds: {s.images}")
 
     def ratios(a: str, b: str) -> tuple[float | None, float | None]:
         if not series[a].rates or not series[b].rates:
             return None, None
         best = max(series[a].rates) / max(series[b].rates)
-        return float(best), float(np.median([x / y for x, y in zip(series[a].rates, series[b].rates)]))
+        return float(best), float(np.median([x / y for x, y in zip(series[a].rates, series[b].rates, strict=True)]))
 
     result: dict = {
         name: {
+            "images_per_pass": s.images[0],
             "images_per_second": float(max(s.rates)),
             "images_per_second_median": float(np.median(s.rates)),
             "cpu_ms_per_image": float(np.median(s.cpu_ms)),
@@ -204,6 +217,8 @@ def bench_input(paths: list[str], config: PipelineBenchConfig) -> dict:
         for name, s in series.items()
         if s.rates
     }
+    if legacy is None:
+        result["legacy_missing"] = LEGACY_MISSING
     for key, (a, b) in {
         "pipeline_vs_ceiling": ("pipeline", "ceiling"),
         "pipeline_no_augment_vs_ceiling": ("pipeline_no_augment", "ceiling"),
@@ -233,8 +248,7 @@ def bench_training(name: str, paths: list[str], config: PipelineBenchConfig) -> 
     model, features = build_model(backbone, config.n_classes, image_size=size, weights="none", dropout=0.5, l2=0.0)
     freeze_backbone(features)
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=keras.losses.BinaryCrossentropy())
-    rng = np.random.default_rng(config.seed)
-    labels = (rng.random((len(paths), config.n_classes)) < 0.3).astype(np.float32)
+    labels = bench_labels(len(paths), config)
     synthetic = tf.data.Dataset.from_tensors(
         (tf.random.uniform([batch, size, size, 3], -1.0, 1.0, seed=config.seed), tf.constant(labels[:batch]))
     ).repeat()
@@ -266,7 +280,8 @@ def run(config: PipelineBenchConfig) -> dict:
                 figures["training"][name] = bench_training(name, paths[: max(config.train_batch_size * 4, 32)], config)
                 t = figures["training"][name]
                 print(f"  {name:<20} synthetic {t['synthetic_images_per_second']:7.2f} img/s   real "
-                      f"{t['real_images_per_second']:7.2f} img/s   real/synthetic {t['real_vs_synthetic']:.2f}", flush=True)
+                      f"{t['real_images_per_second']:7.2f} img/s   real/synthetic {t['real_vs_synthetic']:.2f}",
+                      flush=True)
     return figures
 
 
@@ -278,6 +293,8 @@ def _print_input(result: dict, config: PipelineBenchConfig) -> None:
             r = result[name]
             print(f"  {name:<22}{r['images_per_second']:>11.1f}{r['images_per_second_median']:>14.1f}"
                   f"{r['cpu_ms_per_image']:>14.2f}")
+    if "legacy_missing" in result:
+        print(f"  {'legacy':<22}n/a: {result['legacy_missing']}")
     fmt = lambda v: "  n/a" if v is None else f"{v:5.2f}"  # noqa: E731
     print(f"  {'':<38}{'best':>5}  {'median':>6}")
     for key, label, target in (

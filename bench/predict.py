@@ -19,21 +19,22 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import keras
-import numpy as np
-import pandas as pd
 import tensorflow as tf
 
-from common.atomic import atomic_write_csv, atomic_write_json, atomic_write_text
-from crawl.manifest import FAILED_COLUMNS, JD_FASHION_CLASSES, MANIFEST_COLUMNS
-from predict.inference import image_dataset, predict_run
+from common.atomic import atomic_write_text
+from common.synthetic import photo, photo_sizes, write_jpeg
+from crawl import manifest as mf
+from crawl.manifest import JD_FASHION_CLASSES
+from predict.inference import Prediction, image_dataset, predict_run
 from predict.runs import load_run
+from train import rundir
 from train.backbones import get_backbone
 from train.model import build_model
+from train.rundir import RunRecord
 
 
 @dataclass(frozen=True)
@@ -52,31 +53,18 @@ class PredictBenchConfig:
     seed: int = 0
 
 
-def _photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    # Smooth gradients plus shapes and mild noise: JPEG sizes and decode cost like real photos, not flat colour.
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.stack([127 + 100 * np.sin(xx / rng.uniform(20, 90) + yy / rng.uniform(20, 90) + k) for k in range(3)], -1)
-    for _ in range(12):
-        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        cv2.circle(img, centre, int(rng.integers(10, 120)), rng.integers(0, 256, 3).tolist(), -1)
-    img += rng.normal(0, 6, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
 def make_data(root: Path, config: PredictBenchConfig) -> list[str]:
-    """Write `config.images` JPEGs of about width x height and an unlabelled DATA_DIR around them; returns the paths."""
-    rng = np.random.default_rng(config.seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    """Write `config.images` synthetic photos of about width x height as JPEGs, in an unlabelled DATA_DIR written
+    through crawl.manifest; returns the image paths."""
     rows = []
-    for i in range(config.images):
-        h, w = config.height + int(rng.integers(-40, 41)), config.width + int(rng.integers(-40, 41))
-        rel = f"images/b{i:04d}.jpg"
-        cv2.imwrite(str(root / rel), _photo_like(rng, h, w), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        rows.append({"id": f"b{i:04d}", "path": rel, "url": f"http://bench.invalid/{i}.jpg", "sha256": "", "width": w, "height": h})
-    atomic_write_csv(root / "list.csv", pd.DataFrame([{"id": r["id"], "url": r["url"]} for r in rows]))
-    atomic_write_csv(root / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
-    atomic_write_csv(root / "failed.csv", pd.DataFrame(columns=FAILED_COLUMNS))
-    return [str(root / r["path"]) for r in rows]
+    for i, (h, w) in enumerate(photo_sizes(config.images, config.height, config.width, seed=config.seed)):
+        image_id = f"b{i:04d}"
+        rel = mf.image_path(image_id, ".jpg")
+        data = write_jpeg(root / rel, photo(h, w, seed=(config.seed, i)), quality=90)
+        url = f"http://bench.invalid/{i}.jpg"
+        rows.append(mf.ManifestRow.of_file(data, id=image_id, path=rel, url=url, width=w, height=h))
+    mf.write_data_dir(root, classes=[], entries=rows, stored=rows)
+    return [str(root / r.path) for r in rows]
 
 
 def make_run(root: Path, config: PredictBenchConfig) -> Path:
@@ -87,27 +75,31 @@ def make_run(root: Path, config: PredictBenchConfig) -> Path:
         backbone, len(JD_FASHION_CLASSES), image_size=config.image_size, weights=None, dropout=0.5, l2=0.0
     )
     root.mkdir(parents=True, exist_ok=True)
-    model.save(root / "model.keras")
+    rundir.save_model(model, root)
     k = len(JD_FASHION_CLASSES)
-    atomic_write_json(
-        root / "config.json",
-        {
-            "backbone": backbone.to_config(),
-            "image_size": config.image_size,
-            "classes": JD_FASHION_CLASSES,
-            "train": {},
-            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-            "manifest_sha256": "",
-            "class_prevalence": [1.0 / k] * k,
-        },
+    record = RunRecord(
+        backbone=backbone.to_config(),
+        image_size=config.image_size,
+        classes=tuple(JD_FASHION_CLASSES),
+        train={},
+        versions={"tensorflow": tf.__version__, "keras": keras.__version__},
+        manifest_sha256="",
+        val_manifest_sha256=None,
+        class_prevalence=(1.0 / k,) * k,
+        n_train=0,
+        n_val=0,
+        runtime={"replicas": 1, "mixed_precision": False},
     )
-    atomic_write_text(root / "classes.txt", "".join(f"{c}\n" for c in JD_FASHION_CLASSES))
+    rundir.write_config(root, record)
+    rundir.write_classes(root, JD_FASHION_CLASSES)
     return root
 
 
 def _time_pipeline(paths: list[str], run, batch_size: int, tta: int) -> float:
     """Seconds to run the input pipeline alone (decode, resize, views, preprocessing) over all images."""
-    ds = image_dataset(paths, image_size=run.image_size, preprocessing=run.preprocessing, batch_size=batch_size, tta=tta)
+    ds = image_dataset(
+        paths, image_size=run.image_size, preprocessing=run.preprocessing, batch_size=batch_size, tta=tta
+    )
     start = time.perf_counter()
     for x, _ in ds:
         x.numpy()  # make sure the batch is materialised
@@ -130,13 +122,22 @@ def _time_model(run, batch_size: int, views: int, repeats: int) -> float:
     return min(calls) / batch_size
 
 
-def run_benchmark(config: PredictBenchConfig) -> dict:
-    """Measure and return the figures (seconds, images/s, ratios)."""
+@dataclass(frozen=True)
+class PredictBenchResult:
+    """What the benchmark measured: the figures (printed by `report`, written by --json) and the predictions."""
+
+    figures: dict
+    predictions: dict[int, Prediction] = field(repr=False)  # view count -> the last timed end-to-end prediction
+
+
+def run_benchmark(config: PredictBenchConfig) -> PredictBenchResult:
+    """Measure the figures (seconds, images/s, ratios) and keep the predictions the timed passes made."""
     work = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="bench_predict_"))
     try:
         t0 = time.perf_counter()
         paths = make_data(work / "data", config)
-        print(f"generated {len(paths)} JPEGs (~{config.width}x{config.height}) in {time.perf_counter() - t0:.1f}s", flush=True)
+        print(f"generated {len(paths)} JPEGs (~{config.width}x{config.height}) in {time.perf_counter() - t0:.1f}s",
+              flush=True)
         run = load_run(make_run(work / "run", config))
         n, b = len(paths), config.batch_size
 
@@ -150,19 +151,28 @@ def run_benchmark(config: PredictBenchConfig) -> dict:
         model_n = _time_model(run, b, config.tta, repeats)
         # End to end, as `python -m predict submit` runs it; warm-up excluded. The two settings alternate and
         # the best of `rounds` counts (as timeit does), so load from other processes does not skew the ratio.
-        e2e_1, e2e_n = float("inf"), float("inf")
+        predictions: dict[int, Prediction] = {}
+        seconds = {1: float("inf"), config.tta: float("inf")}
         for _ in range(config.rounds):
-            e2e_1 = min(e2e_1, predict_run(run, paths, tta=1, batch_size=b, progress=False, warmup=True).seconds)
-            e2e_n = min(e2e_n, predict_run(run, paths, tta=config.tta, batch_size=b, progress=False, warmup=True).seconds)
+            for views in seconds:
+                predictions[views] = predict_run(run, paths, tta=views, batch_size=b, progress=False, warmup=True)
+                seconds[views] = min(seconds[views], predictions[views].seconds)
+        e2e_1, e2e_n = seconds[1], seconds[config.tta]
         expected_n = pipe_1 + config.tta * model_1 * n  # decode once, model once per view
         figures = {
             "backbone": run.backbone,
             "image_size": run.image_size,
             "images": n,
+            "width": config.width,
+            "height": config.height,
             "batch_size": b,
             "rounds": config.rounds,
             "tta": config.tta,
             "cpu_count": os.cpu_count(),
+            "pipeline_seconds_tta1": pipe_1,
+            f"pipeline_seconds_tta{config.tta}": pipe_n,
+            "model_seconds_per_image_1_view": model_1,
+            f"model_seconds_per_image_{config.tta}_views": model_n,
             "pipeline_images_per_second_tta1": n / pipe_1,
             f"pipeline_images_per_second_tta{config.tta}": n / pipe_n,
             "model_images_per_second_1_view": 1 / model_1,
@@ -176,7 +186,7 @@ def run_benchmark(config: PredictBenchConfig) -> dict:
             "expected_seconds": expected_n,
             "measured_over_expected": e2e_n / expected_n,
         }
-        return figures
+        return PredictBenchResult(figures, predictions)
     finally:
         if not config.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -187,8 +197,9 @@ def report(f: dict) -> str:
     n = f["tta"]
     return "\n".join(
         [
-            f"prediction benchmark: {f['backbone']} at {f['image_size']} px, {f['images']} JPEGs ~500x700, batch {f['batch_size']} "
-            f"(images/s count source images: with tta {n} each one is {n} model inputs)",
+            f"prediction benchmark: {f['backbone']} at {f['image_size']} px, {f['images']} JPEGs ~{f['width']}x"
+            f"{f['height']}, batch {f['batch_size']} (images/s count source images: with tta {n} each one is {n} "
+            "model inputs)",
             f"{'':34}{'tta 1':>12}{'tta ' + str(n):>12}{'ratio':>9}",
             f"{'predict (end to end), images/s':34}{f['predict_images_per_second_tta1']:12.2f}"
             f"{f[f'predict_images_per_second_tta{n}']:12.2f}{f['cost_ratio']:9.2f}",
@@ -221,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             tta=args.tta,
             rounds=args.rounds,
         )
-    )
+    ).figures
     print(report(figures))
     if args.json:
         atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")

@@ -21,12 +21,23 @@ _STARTUP_NOTES = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called"
     r"|^[IW]\d{4} [\d:.]+\s+\d+ (port|cudart_stub|cpu_feature_guard|cuda_executor|gpu_device)\.cc:\d+\]"
     r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.$"
 )
+# On a machine without CUDA drivers ("Could not find cuda drivers"), the GPU probe then fails with this line: noise
+# there, so hidden only then; where drivers exist it is a real error and shows.
+_NO_DRIVER_FOLLOW_UP = re.compile(r"^E\d{4} [\d:.]+\s+\d+ cuda_platform\.cc:\d+\] failed call to cuInit")
 
 
 def is_startup_note(line: str) -> bool:
     """Whether a line of TensorFlow's stderr is one of its start-up notes (hidden by `quiet_tensorflow_startup`)."""
     return bool(_STARTUP_NOTES.search(line))
+
+
+def drop_startup_notes(lines: list[str]) -> list[str]:
+    """The lines of captured stderr that are not start-up notes, in order (what `quiet_tensorflow_startup` keeps)."""
+    no_driver = any("Could not find cuda drivers" in line for line in lines)
+    return [line for line in lines
+            if not is_startup_note(line) and not (no_driver and _NO_DRIVER_FOLLOW_UP.search(line))]
 
 
 def quiet_tensorflow_startup() -> None:
@@ -39,12 +50,14 @@ def quiet_tensorflow_startup() -> None:
         saved = os.dup(2)
         os.dup2(capture.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401  (the import is the point: its start-up lines go to `capture`)
+            import tensorflow  # its start-up lines go to `capture`
+
+            tensorflow.config.list_physical_devices("GPU")  # the CUDA probe (needed anyway) logs now, not later
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
         capture.seek(0)
-        kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(True) if not is_startup_note(line)]
-    sys.stderr.write("".join(kept))
+        captured = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+    sys.stderr.write("".join(drop_startup_notes(captured)))
     sys.stderr.flush()

@@ -1,4 +1,4 @@
-"""`make demo`: the whole pipeline end to end on generated data — generate, serve, crawl, train three backbones, compare, submit.
+"""`make demo`: the pipeline end to end on generated data: generate, serve, crawl, train 3 backbones, compare, submit.
 
 Everything goes under OUT (default `demo_out/`, ignored by git); the submission goes to `submissions/`.
 The same code paths as the CLIs are used: each step calls the stage's typed function.
@@ -7,14 +7,13 @@ The same code paths as the CLIs are used: each step calls the stage's typed func
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.tf_logging import quiet_tensorflow_startup
 from demo.generate import DemoDataConfig, generate, with_base_url
 from demo.serve import serve_directory
 
@@ -23,7 +22,7 @@ DEMO_BACKBONES = ("inception_resnet_v2", "xception", "inception_v4")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's settings; the defaults are what `make demo` runs (about 15 minutes on 2 CPU cores)."""
+    """The demo's settings; the defaults are what `make demo` runs."""
 
     out: Path = Path("demo_out")
     submission: Path = Path("submissions/demo_jd.csv")
@@ -84,8 +83,10 @@ def _crawl_all(config: DemoConfig, lists: dict[str, Path]) -> dict[str, Path]:
 
 
 def _crawl_completed(data_dir: Path) -> bool:
-    summary = data_dir / "crawl.json"
-    return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
+    from crawl.manifest import read_summary
+
+    summary = read_summary(data_dir)
+    return summary is not None and summary.get("status") == "completed"
 
 
 def chance_map(data_dir: Path) -> float:
@@ -93,7 +94,7 @@ def chance_map(data_dir: Path) -> float:
     from crawl.manifest import read_data_dir
 
     labels = read_data_dir(data_dir).labels()
-    prevalence = labels.mean(axis=0)
+    prevalence = labels.mean(axis=0, dtype="float64")  # the labels are float32: average them exactly
     return float(prevalence[prevalence > 0].mean())
 
 
@@ -107,10 +108,13 @@ def run_demo(config: DemoConfig) -> dict:
 
     _step(2, "serving them on 127.0.0.1 and crawling the train list, the test list and the labelled test list")
     dirs = _crawl_all(config, lists)
-    failed = json.loads((dirs["train"] / "crawl.json").read_text())
-    print(f"  train crawl: {failed.get('stored')} stored, failed by reason: {failed.get('failed_by_reason')}")
+    from crawl.manifest import read_summary
+
+    summary = read_summary(dirs["train"]) or {}
+    print(f"  train crawl: {summary.get('stored')} stored, failed by reason: {summary.get('failed_by_reason')}")
 
     # TensorFlow is imported only now: the crawl stage never needs it.
+    quiet_tensorflow_startup()  # before the first TensorFlow import, as `python -m train` does
     from train.config import TrainConfig
     from train.devices import make_strategy
     from train.fit import train
@@ -177,7 +181,6 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the demo
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DemoConfig.out)
     parser.add_argument("--submission", type=Path, default=DemoConfig.submission)

@@ -8,19 +8,19 @@ independently of the code under test.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import cv2
 import keras
 import numpy as np
-import pandas as pd
 
-from common.atomic import atomic_write_csv, atomic_write_json, atomic_write_text
-from crawl.manifest import FAILED_COLUMNS, MANIFEST_COLUMNS, write_classes
+from common import synthetic
+from common.atomic import atomic_write_bytes
+from crawl import manifest as mf
+from train import rundir
+from train.rundir import RunRecord
 
 CLASSES = ["red_ish", "green_ish", "blue_ish"]
 
@@ -77,7 +77,7 @@ def detector_model(
         kernel[c, j] = scale
     detect.set_weights([kernel, np.full(k, bias, dtype=np.float32)])
     # Stage two: bit b -> sigmoid(a*b + c) with c = logit(off), a = logit(on) - logit(off).
-    a = np.array([logit(p1) - logit(p0) for p0, p1 in zip(off, on)], dtype=np.float32)
+    a = np.array([logit(p1) - logit(p0) for p0, p1 in zip(off, on, strict=True)], dtype=np.float32)
     c = np.array([logit(p0) for p0 in off], dtype=np.float32)
     mix.set_weights([np.diag(a).astype(np.float32), c])
     return model
@@ -104,44 +104,47 @@ def make_run_dir(
     prevalence: Sequence[float] | None = None,
     metrics: dict | None = None,
 ) -> Path:
-    """A RUN_DIR with model.keras, config.json, classes.txt and metrics.json (no training)."""
+    """A RUN_DIR with model.keras, config.json, classes.txt and metrics.json (no training), via train.rundir."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     size = int(model.inputs[0].shape[1])
-    model.save(root / "model.keras")
+    rundir.save_model(model, root)
     classes = list(classes)
-    config = {
-        "backbone": {"name": backbone, "input_size": size, "preprocessing": preprocessing, "min_input_size": 8},
-        "image_size": size,
-        "classes": classes,
-        "train": {"epochs": 3, "batch_size": 4},
-        "versions": {"tensorflow": "test", "keras": keras.__version__},
-        "manifest_sha256": "0" * 64,
-        "class_prevalence": list(prevalence) if prevalence is not None else [0.5] * len(classes),
-    }
-    atomic_write_json(root / "config.json", config)
-    atomic_write_text(root / "classes.txt", "".join(f"{c}\n" for c in classes))
+    record = RunRecord(
+        backbone={"name": backbone, "input_size": size, "preprocessing": preprocessing, "min_input_size": 8},
+        image_size=size,
+        classes=tuple(classes),
+        train={"epochs": 3, "batch_size": 4},
+        versions={"tensorflow": "test", "keras": keras.__version__},
+        manifest_sha256="0" * 64,
+        val_manifest_sha256=None,
+        class_prevalence=tuple(prevalence) if prevalence is not None else (0.5,) * len(classes),
+        n_train=0,
+        n_val=0,
+        runtime={"replicas": 1, "mixed_precision": False},
+    )
+    rundir.write_config(root, record)
+    rundir.write_classes(root, classes)
     thresholds = list(thresholds) if thresholds is not None else [0.5] * len(classes)
     stored = {
         "best_epoch": 2,
         "val_map": 0.5,
-        "per_class_ap": {c: 0.5 for c in classes},
+        "per_class_ap": dict.fromkeys(classes, 0.5),
         "f2_at_0.5": 0.5,
-        "thresholds": dict(zip(classes, thresholds)),
+        "thresholds": dict(zip(classes, thresholds, strict=True)),
         "f2_at_tuned": 0.6,
         "epochs_trained": 3,
         "train_seconds": 12.5,
         "params": int(model.count_params()),
     }
     stored.update(metrics or {})
-    atomic_write_json(root / "metrics.json", stored)
+    rundir.write_metrics(root, stored)
     return root
 
 
-def write_jpeg(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb.astype(np.uint8), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]):
-        raise OSError(f"cv2 could not write {path}")
+def write_jpeg(path: Path, rgb: np.ndarray) -> bytes:
+    """Store an RGB image as a quality-95 JPEG (common.synthetic's encoder); returns the bytes written."""
+    return synthetic.write_jpeg(path, rgb, quality=95)
 
 
 def solid(colour: str, height: int = 40, width: int = 56) -> np.ndarray:
@@ -149,14 +152,8 @@ def solid(colour: str, height: int = 40, width: int = 56) -> np.ndarray:
 
 
 def textured(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
-    """A smooth random image with structure (gradients plus blobs), so views differ visibly."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
-    img = np.stack([255 * (a * xx + b * yy) % 256 for a, b in rng.uniform(0.5, 3, size=(3, 2))], axis=-1)
-    for _ in range(4):
-        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(4, 12)
-        img[(yy * max(height, width) - cy) ** 2 + (xx * max(height, width) - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
-    return img.astype(np.uint8)
+    """A synthetic photo with structure (colour waves plus shapes), so that views differ visibly."""
+    return synthetic.photo(height, width, seed=seed)
 
 
 def make_data_dir(
@@ -170,51 +167,50 @@ def make_data_dir(
 ) -> Path:
     """A DATA_DIR: `images` (id -> RGB array) are stored, in the dict's order (the manifest order);
     ids of `list_ids` (the list order, default: the images' order) without an image go to failed.csv;
-    ids in `corrupt` get a stored file that is not an image."""
+    ids in `corrupt` get a stored file that is not an image. Written through crawl.manifest's writers."""
     root = Path(root)
     list_ids = list(list_ids) if list_ids is not None else list(images)
     classes = list(classes) if classes else []
     labels = labels or {}
-    url = "http://example.invalid/{}.jpg".format
-    rows = []
+
+    def url(id_: str) -> str:
+        return f"http://example.invalid/{id_}.jpg"
+
+    def labels_of(id_: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in labels.get(id_, [0] * len(classes)))
+
+    stored = []
     for id_, rgb in images.items():
-        path = root / "images" / f"{id_}.jpg"
+        rel = mf.image_path(id_, ".jpg")
         if id_ in corrupt:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"<html>not an image</html>")
+            data = b"<html>not an image</html>"
+            atomic_write_bytes(root / rel, data)
         else:
-            write_jpeg(path, rgb)
-        rows.append(
-            {
-                "id": id_,
-                "path": f"images/{id_}.jpg",
-                "url": url(id_),
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                "width": rgb.shape[1],
-                "height": rgb.shape[0],
-                **{c: int(v) for c, v in zip(classes, labels.get(id_, [0] * len(classes)))},
-            }
+            data = write_jpeg(root / rel, rgb)
+        height, width = rgb.shape[:2]
+        stored.append(
+            mf.ManifestRow.of_file(
+                data, id=id_, path=rel, url=url(id_), width=width, height=height, labels=labels_of(id_)
+            )
         )
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + classes)
-    items = pd.DataFrame(
-        [{"id": i, "url": url(i), **{c: int(v) for c, v in zip(classes, labels.get(i, [0] * len(classes)))}} for i in list_ids],
-        columns=["id", "url"] + classes,
+    failed = [
+        mf.FailedRow(id=i, url=url(i), reason="http_404", detail="Not Found", attempts=3)
+        for i in list_ids
+        if i not in images
+    ]
+    return mf.write_data_dir(
+        root,
+        classes=classes,
+        entries=[mf.ListRow(id=i, url=url(i), labels=labels_of(i)) for i in list_ids],
+        stored=stored,
+        failed=failed,
+        summary={"stored": len(stored), "failed": len(failed)},
     )
-    failed = pd.DataFrame(
-        [{"id": i, "url": url(i), "reason": "http_404", "detail": "Not Found", "attempts": 3} for i in list_ids if i not in images],
-        columns=FAILED_COLUMNS,
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(root / "list.csv", items)
-    atomic_write_csv(root / "manifest.csv", manifest)
-    atomic_write_csv(root / "failed.csv", failed)
-    if classes:
-        write_classes(root, classes)
-    atomic_write_json(root / "crawl.json", {"stored": len(images), "failed": len(failed)})
-    return root
 
 
-def expected_probabilities(colours: Sequence[str], off: Sequence[float], on: Sequence[float], channels=(0, 1, 2)) -> np.ndarray:
+def expected_probabilities(
+    colours: Sequence[str], off: Sequence[float], on: Sequence[float], channels=(0, 1, 2)
+) -> np.ndarray:
     """What `detector_model` outputs for solid images of these colours, computed from the colours alone."""
     b = np.array([[bits(c)[ch] for ch in channels] for c in colours])
     return np.where(b == 1, np.asarray(on)[None, :], np.asarray(off)[None, :])
