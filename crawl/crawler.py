@@ -145,6 +145,17 @@ class _Crash:
     error: BaseException
 
 
+_FALLBACK_SIZE = (24, 100)  # rows and columns for the bar on a terminal that reports no size
+
+
+def _terminal_columns() -> int:
+    """The width stderr's terminal reports, 0 when it reports none."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 class _Progress:
     """A tqdm bar on a terminal, else one line every few seconds on stderr."""
 
@@ -157,7 +168,10 @@ class _Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+            # tqdm hides its bar on a terminal that reports no size (0 x 0, as some pseudo-terminals do): give it one.
+            rows, columns = _FALLBACK_SIZE
+            size = {"dynamic_ncols": True} if _terminal_columns() > 0 else {"ncols": columns, "nrows": rows}
+            self.bar = tqdm(total=total, unit="img", smoothing=0.05, file=sys.stderr, **size)
 
     def update(self, done: int, stored: int, failed: int, nbytes: int) -> None:
         if self.bar is not None:

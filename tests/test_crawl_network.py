@@ -573,12 +573,14 @@ def test_lines_and_summary_when_not_a_terminal(tmp_path, http_server, capsys):
     )
 
 
-def test_auto_progress_draws_a_bar_on_a_terminal(tmp_path, http_server):
-    """`python -m crawl` with stderr on a pseudo-terminal draws a tqdm bar (and no progress lines)."""
+@pytest.mark.parametrize("rows_columns", [(24, 160), (0, 0)], ids=["24x160", "no-size"])
+def test_auto_progress_draws_a_bar_on_a_terminal(tmp_path, http_server, rows_columns):
+    """`python -m crawl` with stderr on a pseudo-terminal draws a tqdm bar (and no progress lines), also on a
+    terminal that reports no size (a bar of a fixed width then)."""
     list_path, _ = _mixed_list(tmp_path, http_server)
     out = tmp_path / "out"
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 24 x 160, like a real terminal
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *rows_columns, 0, 0))
     process = subprocess.Popen(
         [sys.executable, "-m", "crawl", str(list_path), str(out), "--workers", "2", "--retries", "0"],
         cwd=REPO,
