@@ -141,3 +141,52 @@ def test_epoch_loss_of_an_unknown_length_drop_remainder_dataset_is_not_the_batch
 def _mean_loss(model: keras.Model, n: int) -> float:
     """The mean binary cross-entropy of `model` on the first n samples."""
     return float(np.mean(keras.ops.convert_to_numpy(keras.losses.binary_crossentropy(Y[:n], model(X[:n])))))
+
+
+def _nested_batchnorm_model() -> tuple[keras.Model, keras.Model, keras.layers.BatchNormalization]:
+    """A tiny 'backbone' with a BatchNormalization, called with training=False inside an outer model, as
+    train.model.build_model calls the real backbone."""
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((3,))
+    norm = keras.layers.BatchNormalization(momentum=0.5)
+    inner = keras.Model(inner_in, norm(keras.layers.Dense(4)(inner_in)))
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Dense(1, activation="sigmoid")(inner(inputs, training=False))
+    model = keras.Model(inputs, outputs)
+    return model, inner, norm
+
+
+def _fit_once(model: keras.Model) -> None:
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
+    model.fit(X * 10 + 5, Y, batch_size=5, epochs=1, verbose=0)
+
+
+def test_training_false_on_a_nested_backbone_does_not_keep_batchnorm_in_inference_mode_during_fit():
+    """The backbone's BatchNormalization must be frozen (trainable=False), not only called with training=False.
+
+    In Keras 3.15 a functional model passes fit()'s training=True down to every layer it runs, overriding the
+    training=False its graph recorded for the nested backbone, so an unfrozen BatchNormalization updates its moving
+    statistics (and under MirroredStrategy each replica its own). train.model.freeze_backbone and unfreeze_top keep
+    every BatchNormalization at trainable=False, which is what holds its statistics in both stages.
+    """
+    model, _, norm = _nested_batchnorm_model()
+    before = np.asarray(norm.moving_mean).copy()
+    _fit_once(model)
+    moved = not np.array_equal(np.asarray(norm.moving_mean), before)
+    assert moved, (
+        "Keras now keeps a nested model called with training=False in inference mode during fit(): the comment in "
+        "train.model.build_model is then true on its own, and freezing BatchNormalization is belt and braces"
+    )
+
+
+def test_a_frozen_batchnorm_keeps_its_statistics_during_fit():
+    """What the two stages rely on instead: BatchNormalization with trainable=False runs in inference mode."""
+    from train.model import freeze_backbone, unfreeze_top
+
+    for prepare in (freeze_backbone, lambda inner: unfreeze_top(inner, 1.0)):
+        model, inner, norm = _nested_batchnorm_model()
+        prepare(inner)
+        before = (np.asarray(norm.moving_mean).copy(), np.asarray(norm.moving_variance).copy())
+        _fit_once(model)
+        assert np.array_equal(np.asarray(norm.moving_mean), before[0])
+        assert np.array_equal(np.asarray(norm.moving_variance), before[1])

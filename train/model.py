@@ -1,8 +1,10 @@
 """The tagger: a registry backbone (always run in inference mode) under a pooling, dropout and sigmoid head.
 
 The two training stages differ only in which backbone layers are trainable: none in stage 1, the top fraction in
-stage 2; BatchNormalization layers stay frozen in both, and because the backbone is called with training=False
-their moving statistics never change either (the keras-io transfer-learning recipe).
+stage 2. BatchNormalization layers stay frozen (trainable=False) in both, and that is what keeps them in inference
+mode with fixed moving statistics: the backbone is also called with training=False, as the keras-io
+transfer-learning recipe says, but in Keras 3.15 fit() overrides that for a nested model
+(tests/test_keras_workarounds.py pins both facts).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def build_model(
     """The full model (preprocessed image -> one float32 sigmoid per class) and its backbone sub-model."""
     features_model = backbone.build(image_size, None if weights in (None, "none") else weights)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    features = features_model(inputs, training=False)  # BatchNormalization stays in inference mode in both stages
+    features = features_model(inputs, training=False)  # inference mode; frozen BatchNormalization makes sure of it
     x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(
