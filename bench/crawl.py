@@ -36,7 +36,7 @@ TARGET_SPEEDUP_AT_LATENCY = 20.0  # at 50 ms and 1,000 images
 TARGET_RATE_NO_LATENCY = 150.0  # images per second, on 2 cores
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CrawlBenchConfig:
     """What to measure: list size, latencies (seconds), crawler workers, and how much of the list the slow
     sequential baseline downloads (None: all of it)."""

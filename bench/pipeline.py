@@ -47,7 +47,7 @@ from train.model import build_model, freeze_backbone
 MAIN_BACKBONES = ("inception_resnet_v2", "xception", "inception_v4")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PipelineBenchConfig:
     """Settings of the input-pipeline and training-speed benchmark."""
 

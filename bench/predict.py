@@ -37,7 +37,7 @@ from train.model import build_model
 from train.rundir import RunRecord
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PredictBenchConfig:
     """Settings of the prediction benchmark."""
 

@@ -52,7 +52,7 @@ LOCK_FILE = ".crawl.lock"
 _SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")  # no dots, no slashes: a slug can never be '..' or a hidden file
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CrawlConfig:
     """Settings of one crawl (the CLI flags of `python -m crawl`)."""
 

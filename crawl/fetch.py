@@ -34,7 +34,7 @@ USER_AGENT = "crawl/1.0 (image dataset crawler; python-requests)"
 CHUNK_BYTES = 256 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FetchConfig:
     """Network limits for one download (see `python -m crawl --help`)."""
 

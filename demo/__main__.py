@@ -20,7 +20,7 @@ from demo.serve import serve_directory
 DEMO_BACKBONES = ("inception_resnet_v2", "xception", "inception_v4")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     """The demo's settings; the defaults are what `make demo` runs."""
 

@@ -27,7 +27,7 @@ CLASSES = GARMENTS + list(COLOURS) + ["striped", "dotted", "long_sleeves", "shor
 BASE_URL_TOKEN = "{BASE_URL}"  # the lists are written with this token; the demo substitutes the server address
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoDataConfig:
     out: Path
     n_train: int = 320

@@ -503,7 +503,9 @@ def test_retry_gaps_are_spread_by_jitter(tmp_path, http_server):
     paths = [f"/busy/{k}.jpg" for k in range(16)]
     list_path = tmp_path / "l.csv"
     list_path.write_text("".join(f"i{k},{http_server.route(path, status(503))}\n" for k, path in enumerate(paths)))
-    config = CrawlConfig(list_path, tmp_path / "out", workers=16, timeout=5, retries=1, backoff=0.5, progress="off")
+    config = CrawlConfig(
+        list_path=list_path, out_dir=tmp_path / "out", workers=16, timeout=5, retries=1, backoff=0.5, progress="off"
+    )
     summary = _run_or_fail("the crawl", lambda: crawl(config), http_server.close)
     assert summary["failed_by_reason"] == {"http_503": 16}
     gaps = []
@@ -529,7 +531,9 @@ def test_work_runs_concurrently(tmp_path, http_server):
     urls = [http_server.route(path, together(barrier, static(samples.jpeg(seed=k)))) for k, path in enumerate(paths)]
     list_path = tmp_path / "l.csv"
     list_path.write_text("".join(f"i{k},{url}\n" for k, url in enumerate(urls)))
-    config = CrawlConfig(list_path, tmp_path / "out", workers=16, timeout=HANG_LIMIT, retries=0, progress="off")
+    config = CrawlConfig(
+        list_path=list_path, out_dir=tmp_path / "out", workers=16, timeout=HANG_LIMIT, retries=0, progress="off"
+    )
     summary = _run_or_fail("the crawl", lambda: crawl(config), http_server.close)
     assert [http_server.notes(path) for path in paths] == [["together"]] * 16
     assert summary["stored"] == 16 and summary["failed"] == 0
@@ -556,7 +560,11 @@ def test_lines_and_summary_when_not_a_terminal(tmp_path, http_server, capsys):
     figures are crawl.json's and whose failure breakdown is by count, then name."""
     list_path, outcomes = _mixed_list(tmp_path, http_server)
     out = tmp_path / "out"
-    crawl(CrawlConfig(list_path, out, workers=1, timeout=5, retries=0, progress="auto", progress_every=0.0))
+    crawl(
+        CrawlConfig(
+            list_path=list_path, out_dir=out, workers=1, timeout=5, retries=0, progress="auto", progress_every=0.0
+        )
+    )
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 7
@@ -618,7 +626,7 @@ def test_progress_bar_on_a_terminal(tmp_path, http_server, capsys):
     lines = [f"i{k},{http_server.route(f'/b/{k}.jpg', static(samples.jpeg(seed=k)))}" for k in range(5)]
     list_path = tmp_path / "l.csv"
     list_path.write_text("\n".join(lines) + "\n")
-    crawl(CrawlConfig(list_path, tmp_path / "out", workers=2, timeout=5, progress="bar"))
+    crawl(CrawlConfig(list_path=list_path, out_dir=tmp_path / "out", workers=2, timeout=5, progress="bar"))
     err = capsys.readouterr().err
     assert "100%|" in err and "5/5 [" in err and re.search(r"(img/s|s/img), stored 5 failed 0 0\.0 MB\]", err), err
 

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
     """A setting is out of range, or the settings contradict each other or an existing RUN_DIR."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything `python -m train` accepts. `resolve()` fills the backbone-dependent defaults and checks ranges."""
 

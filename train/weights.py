@@ -48,7 +48,7 @@ class CheckpointError(WeightsError):
     """A checkpoint that cannot be read, or does not fit the architecture; the message names file and tensor."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
     """What `python -m train.weights convert` was asked to do."""
 
