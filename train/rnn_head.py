@@ -158,10 +158,11 @@ class TagDecoder(keras.layers.Layer):
         _, _, _, emitted, p_max, _ = ops.while_loop(cond, body, init, maximum_iterations=self.max_steps)
         return emitted, p_max
 
-    def beam_decode(self, states, n):
-        """Beam search of width n on summed masked log-probabilities (no length normalisation); the best hypothesis
-        as (emitted, p_max) like greedy_decode. Each beam proposes its top tokens by logit (so n = 1 picks greedy's
-        argmax with the same tie-break), then the best n of the candidates survive."""
+    def beam_decode(self, states):
+        """Beam search of width n = beam_width on summed masked log-probabilities (no length normalisation); the best
+        hypothesis as (emitted, p_max) like greedy_decode. Each beam proposes its top tokens by logit (so n = 1 picks
+        greedy's argmax with the same tie-break), then the best n of the candidates survive."""
+        n = self.beam_width
         b, k, m = ops.shape(states[0])[0], self.n_classes, min(n, self.n_tokens)  # m proposals per beam
 
         def rep(x):

@@ -75,7 +75,7 @@ def run_dir_state(out: Path, record: RunRecord) -> RunDirState:
     if changed and not has_progress(out):
         return "fresh"  # nothing trained yet (e.g. a start that failed on its weights): the new settings replace it
     if changed:
-        before_after = ((k, old.train.get(k, getattr(old, k, None)), record.train.get(k, getattr(record, k, None)))
+        before_after = ((k, before.get(k, getattr(old, k, None)), after.get(k, getattr(record, k, None)))
                         for k in changed)
         details = "; ".join(f"{k}: {_plain(a)!r} -> {_plain(b)!r}" for k, a, b in before_after)
         raise RunDirError(
