@@ -379,3 +379,29 @@ def test_two_replicas_train_the_rnn_head(data, tmp_path):
     stored = pd.read_csv(out / "val_predictions.csv", dtype={"id": str})[data.classes].to_numpy()
     np.testing.assert_allclose(keras.saving.load_model(out / "model.keras").predict(images, verbose=0), stored,
                                atol=1e-6)
+
+
+def test_mixed_precision_keeps_logits_and_scores_float32_and_scales_the_loss(tmp_path):
+    from train.rnn_head import sequence_loss, training_model
+
+    previous = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        tagger = _tagger(3, "lstm", False)
+        trainer = training_model(tagger)
+        trainer.compile(keras.optimizers.Adam(1e-3, clipnorm=1.0), sequence_loss())
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert tagger.get_layer("decoder").init_h.compute_dtype == "float16"
+        labels = np.array([[1, 0, 1], [0, 1, 0]] * 4, np.float32)
+        inputs, targets = label_sequences(labels, class_order(labels, "frequent"))
+        logits = trainer({"image": IMAGES, "tokens": inputs})
+        assert logits.dtype == "float32" and tuple(logits.shape) == (8, 4, 6)
+        history = trainer.fit({"image": IMAGES, "tokens": inputs}, targets, epochs=1, batch_size=4, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+        scores = tagger.predict(IMAGES, verbose=0)
+        assert scores.dtype == np.float32 and ((scores >= 0.5).sum(1) >= 1).all()
+        rundir.save_model(tagger, tmp_path)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    # Reloaded in a float32 process, the tagger keeps its policy and its scores.
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "model.keras").predict(IMAGES, verbose=0), scores)
