@@ -364,21 +364,44 @@ def test_an_ensemble_of_different_heads_is_refused_naming_the_runs_and_heads(rnn
     assert len(load_runs([out, out])) == 2  # two rnn runs ensemble
 
 
-def test_two_replicas_train_the_rnn_head(data, tmp_path):
-    out = tmp_path / "run"
-    argv = [str(data.root), "--out", str(out), *rnn_flags("gru"), "--epochs", "1", "--devices", "2"]
+def _train_cli(argv: list[str]) -> subprocess.Popen:
+    """`python -m train argv` in a subprocess, with the tiny backbone registered first."""
     code = ("import sys; from tests.test_rnn_head import register_tiny_backbone; register_tiny_backbone(); "
             f"from train.__main__ import main; sys.exit(main({argv!r}))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "2 replica(s), global batch 8" in proc.stdout
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_replicas_train_the_rnn_head(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _train_cli([str(data.root), "--out", str(out), *rnn_flags("gru"), "--epochs", "1", "--devices", "2"])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "2 replica(s), global batch 8" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["runtime"]["replicas"] == 2 and config["head"]["cell"] == "gru"
     _, images = _val_images(out, data)
     stored = pd.read_csv(out / "val_predictions.csv", dtype={"id": str})[data.classes].to_numpy()
     np.testing.assert_allclose(keras.saving.load_model(out / "model.keras").predict(images, verbose=0), stored,
                                atol=1e-6)
+
+
+def test_resume_after_kill_ends_like_an_uninterrupted_run(rnn_run, data, tmp_path):
+    from tests.test_train import _kill_when, assert_same_numbers
+
+    cell, reference, _ = rnn_run
+    if cell != "lstm":
+        pytest.skip("one cell is enough: the resume mechanism is the head-independent one")
+    out = tmp_path / "run"
+    argv = [str(data.root), "--out", str(out), *rnn_flags(cell)]
+    _kill_when(_train_cli(argv), out / "backup" / "stage1" / "training_metadata.json")
+    assert not (out / "metrics.json").exists()
+    proc = _train_cli(argv)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "(resuming)" in stdout and "epoch 1/2" not in stdout and "epoch 2/2 stage 2" in stdout
+    assert_same_numbers(out, reference)
 
 
 def test_mixed_precision_keeps_logits_and_scores_float32_and_scales_the_loss(tmp_path):
