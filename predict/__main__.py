@@ -21,7 +21,7 @@ from crawl.manifest import DataDirError
 from predict.compare import CompareConfig, compare
 from predict.errors import PredictError
 from predict.evaluate import EvaluateConfig, evaluate, format_report
-from predict.options import check_batch_size, check_choice
+from predict.options import check_batch_size, check_beam, check_choice
 from predict.submission import FORMATS, MISSING_MODES, SubmitConfig, submit
 from predict.thresholds import parse_threshold
 from predict.tta import MAX_TTA, check_tta
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"test-time views, 1..{MAX_TTA} (default {defaults.tta})")
         p.add_argument("--batch-size", type=_checked(check_batch_size, _integer), default=defaults.batch_size,
                        help=f"images per model call before TTA (default {defaults.batch_size})")
+        p.add_argument("--beam", type=_checked(check_beam, _integer), default=defaults.beam,
+                       help=f"rnn runs: decode with a beam of N (default {defaults.beam}: greedy)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def threshold(p: argparse.ArgumentParser, defaults: SubmitConfig | EvaluateConfig) -> None:
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> Config:
     """The command line as the config of its command (checked again by the command's `resolve()`)."""
     a = build_parser().parse_args(argv)
-    shared = dict(runs=tuple(a.runs), data=a.data, tta=a.tta, batch_size=a.batch_size, progress=not a.no_progress)
+    shared = dict(runs=tuple(a.runs), data=a.data, tta=a.tta, batch_size=a.batch_size, progress=not a.no_progress,
+                  beam=a.beam)
     if a.command == "submit":
         return SubmitConfig(**shared, out=a.out, threshold=a.threshold, format=a.format, missing=a.missing)
     if a.command == "evaluate":

@@ -26,7 +26,7 @@ from common.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_tex
 from predict.errors import PredictError
 from predict.evaluate import load_labelled
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
-from predict.options import check_batch_size, check_runs
+from predict.options import check_batch_size, check_beam, check_runs
 from predict.runs import load_run
 from predict.thresholds import apply_thresholds
 from predict.tta import check_tta
@@ -61,6 +61,7 @@ class CompareConfig:
     out: Path = DEFAULT_OUT
     batch_size: int = DEFAULT_BATCH_SIZE
     progress: bool = True
+    beam: int = 1  # rnn runs: beam width of the decoder (1 = greedy, as trained and validated)
 
     def resolve(self) -> CompareConfig:
         """A copy with every option checked; raises PredictError."""
@@ -74,6 +75,7 @@ class CompareConfig:
             tta=check_tta(self.tta),
             out=out,
             batch_size=check_batch_size(self.batch_size),
+            beam=check_beam(self.beam),
         )
 
 
@@ -93,9 +95,13 @@ def _metric(metrics: dict | None, key: str) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def compare_run(run_path: str | Path, data: str | Path, *, tta: int, batch_size: int, progress: bool) -> dict:
-    """One row of the comparison table for one RUN_DIR."""
+def compare_run(
+    run_path: str | Path, data: str | Path, *, tta: int, batch_size: int, progress: bool, beam: int = 1
+) -> dict:
+    """One row of the comparison table for one RUN_DIR (`beam` applies to rnn runs; sigmoid runs have none)."""
     run = load_run(run_path)
+    if run.head == "rnn":
+        run = run.with_beam(beam)
     images = load_labelled(data, run.classes)
     if not images.ids:
         raise PredictError(f"{data}: no stored images to evaluate on")
@@ -186,7 +192,8 @@ def compare(config: CompareConfig) -> CompareResult:
     config = config.resolve()
     tta, out = config.tta, config.out
     rows = [
-        compare_run(p, config.data, tta=tta, batch_size=config.batch_size, progress=config.progress)
+        compare_run(p, config.data, tta=tta, batch_size=config.batch_size, progress=config.progress,
+                    beam=config.beam)
         for p in config.runs
     ]
     table = pd.DataFrame(rows, columns=list(COLUMNS))

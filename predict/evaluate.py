@@ -19,7 +19,7 @@ from common.atomic import atomic_write_json
 from crawl.manifest import read_data_dir
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
-from predict.options import check_batch_size, check_runs
+from predict.options import check_batch_size, check_beam, check_runs
 from predict.runs import load_runs
 from predict.thresholds import DEFAULT_THRESHOLD, apply_thresholds, parse_threshold, resolve_thresholds
 from predict.tta import check_tta
@@ -37,6 +37,7 @@ class EvaluateConfig:
     out: Path | None = None  # JSON report; printed only when None
     batch_size: int = DEFAULT_BATCH_SIZE
     progress: bool = True
+    beam: int = 1  # rnn runs: beam width of the decoder (1 = greedy, as trained and validated)
 
     def resolve(self) -> EvaluateConfig:
         """A copy with every option checked and the threshold in canonical form; raises PredictError."""
@@ -48,6 +49,7 @@ class EvaluateConfig:
             threshold=parse_threshold(self.threshold),
             out=None if self.out is None else Path(self.out),
             batch_size=check_batch_size(self.batch_size),
+            beam=check_beam(self.beam),
         )
 
 
@@ -126,7 +128,7 @@ def format_report(report: dict) -> str:
 def evaluate(config: EvaluateConfig) -> dict:
     """Score the ensemble of `config.runs` on the labelled DATA_DIR; returns the report, written as JSON to `out`."""
     config = config.resolve()
-    runs = load_runs(config.runs)
+    runs = [run.with_beam(config.beam) for run in load_runs(config.runs)]
     classes = runs[0].classes
     thresholds = resolve_thresholds(config.threshold, runs)
     images = load_labelled(config.data, classes)
@@ -140,6 +142,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         {
             "threshold": config.threshold,
             "tta": config.tta,
+            "beam": config.beam,
             "runs": [str(r.path) for r in runs],
             "data": str(config.data),
             "images": len(images.ids),

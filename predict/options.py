@@ -22,6 +22,13 @@ def check_batch_size(n: int) -> int:
     return int(n)
 
 
+def check_beam(n: int) -> int:
+    """Validate `--beam` (rnn runs' beam width; 1 is greedy decoding): a positive integer; returns it."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise PredictError(f"--beam must be a positive integer, got {n!r}")
+    return int(n)
+
+
 def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
     """Validate an option with a fixed set of values (`--format`, `--missing`); returns the value."""
     if value not in choices:

@@ -2,11 +2,14 @@
 
 A RUN_DIR carries everything prediction needs (docs/CONTRACTS.md), so nothing here guesses: the image size and
 preprocessing come from config.json, the class order from classes.txt (checked against config.json and the model's
-output width), the thresholds from metrics.json.
+output width), the thresholds from metrics.json. Both heads give one score per class: the sigmoid head's
+probabilities, or the rnn head's decoder scores (train.rnn_head, imported here so that its layer is registered before
+`load_model`); runs of different heads are not ensembled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,7 @@ import keras
 import numpy as np
 
 from predict.errors import PredictError
-from train import rundir
+from train import rnn_head, rundir  # rnn_head registers TagDecoder, which an rnn run's model.keras holds
 from train.preprocess import PREPROCESSING
 from train.rundir import CLASSES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunDirError, RunRecord
 
@@ -33,6 +36,19 @@ class Run:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def head(self) -> str:
+        """"sigmoid" or "rnn" (config.json's head record; absent in runs from before the rnn head: sigmoid)."""
+        return self.config.head_name
+
+    def with_beam(self, beam: int) -> Run:
+        """This run decoding with a beam of width `beam` (rnn head; 1 is greedy, the saved model itself)."""
+        if beam == 1:
+            return self
+        if self.head != "rnn":
+            raise PredictError(f"--beam {beam}: {self.path} is a {self.head}-head run; beam search is for rnn runs")
+        return dataclasses.replace(self, model=rnn_head.with_beam(self.model, beam))
 
     @property
     def backbone(self) -> str:
@@ -113,8 +129,21 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     if not paths:
         raise PredictError("no RUN_DIR given")
     runs = [load_run(p) for p in paths]
+    check_same_head(runs)
     check_same_classes(runs)
     return runs
+
+
+def check_same_head(runs: Sequence[Run]) -> str:
+    """The runs' common head; PredictError naming every run and its head when they differ."""
+    heads = {run.head for run in runs}
+    if len(heads) > 1:
+        listed = ", ".join(f"{run.path} ({run.head} head)" for run in runs)
+        raise PredictError(
+            f"cannot ensemble runs of different heads: {listed}. A sigmoid probability and an rnn decoder score "
+            "are different kinds of number, so averaging them has no meaning; ensemble runs of one head."
+        )
+    return heads.pop()
 
 
 def check_same_classes(runs: Sequence[Run]) -> list[str]:

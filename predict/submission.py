@@ -25,7 +25,7 @@ from common.atomic import atomic_write_text
 from crawl.manifest import LIST_FILE, read_data_dir
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
-from predict.options import check_batch_size, check_choice, check_runs
+from predict.options import check_batch_size, check_beam, check_choice, check_runs
 from predict.runs import load_runs
 from predict.thresholds import DEFAULT_THRESHOLD, apply_thresholds, parse_threshold, resolve_thresholds
 from predict.tta import check_tta
@@ -48,6 +48,7 @@ class SubmitConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     missing: str = "error"
     progress: bool = True
+    beam: int = 1  # rnn runs: beam width of the decoder (1 = greedy, as trained and validated)
 
     def resolve(self) -> SubmitConfig:
         """A copy with every option checked and the threshold in canonical form; raises PredictError."""
@@ -63,6 +64,7 @@ class SubmitConfig:
             threshold=parse_threshold(self.threshold),
             format=check_choice("--format", self.format, FORMATS),
             batch_size=check_batch_size(self.batch_size),
+            beam=check_beam(self.beam),
             missing=check_choice("--missing", self.missing, MISSING_MODES),
         )
 
@@ -147,7 +149,7 @@ def submit(config: SubmitConfig) -> SubmitResult:
     if missing and not fill:
         raise PredictError(_missing_message(data, missing, len(ids)))
 
-    runs = load_runs(config.runs)
+    runs = [run.with_beam(config.beam) for run in load_runs(config.runs)]
     classes = runs[0].classes
     thresholds = resolve_thresholds(config.threshold, runs)  # before predicting: a bad option fails at once
     prevalence = np.mean([r.class_prevalence for r in runs], axis=0) if fill and config.format == "proba" else None

@@ -75,10 +75,16 @@ def draw_image(
     return image
 
 
-def sample_labels(n: int, n_classes: int, rng: np.random.Generator, prevalence: float = 0.4) -> np.ndarray:
-    """An n x n_classes 0/1 matrix where every class has at least two positives and two negatives."""
+def sample_labels(
+    n: int, n_classes: int, rng: np.random.Generator, prevalence: float = 0.4, *, every_image_labelled: bool = False
+) -> np.ndarray:
+    """An n x n_classes 0/1 matrix where every class has at least two positives and two negatives (and, with
+    `every_image_labelled`, every row at least one positive)."""
     while True:
         labels = (rng.random((n, n_classes)) < prevalence).astype(int)
+        if every_image_labelled:
+            empty = np.flatnonzero(labels.sum(axis=1) == 0)
+            labels[empty, rng.integers(0, n_classes, len(empty))] = 1
         counts = labels.sum(axis=0)
         if n < 4 or ((counts >= 2) & (counts <= n - 2)).all():
             return labels
@@ -94,13 +100,14 @@ def make_data_dir(
     corrupt: int = 0,
     missing: int = 0,
     id_prefix: str = "img",
+    every_image_labelled: bool = False,
 ) -> Fixture:
     """Write a labelled DATA_DIR of `n` JPEGs (height, width = `size`) to `root`; the last `corrupt` + `missing`
     manifest rows get garbage bytes or no file at all."""
     root = Path(root)
     classes = list(SHAPES)[:n_classes]
     rng = np.random.default_rng(seed)
-    labels = sample_labels(n, n_classes, rng)
+    labels = sample_labels(n, n_classes, rng, every_image_labelled=every_image_labelled)
     ids = [f"{id_prefix}{i:04d}" for i in range(n)]
     bad_start = n - corrupt - missing
     h, w = size

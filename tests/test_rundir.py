@@ -59,8 +59,12 @@ def test_a_missing_key_is_refused_naming_file_and_key(tmp_path, key):
 
 
 def test_an_unknown_key_or_a_missing_backbone_fact_is_refused_naming_file_and_key(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**VERSION_1_CONFIG, "decoder": "rnn"}))
+    with pytest.raises(RunDirError, match=re.escape(f"{tmp_path / 'config.json'}: unknown key 'decoder'")):
+        rundir.read_config(tmp_path)
+    # "head" is known since the rnn head (absent: a sigmoid run), but it must be a head record.
     (tmp_path / "config.json").write_text(json.dumps({**VERSION_1_CONFIG, "head": "rnn"}))
-    with pytest.raises(RunDirError, match=re.escape(f"{tmp_path / 'config.json'}: unknown key 'head'")):
+    with pytest.raises(RunDirError, match=r"config.json: key 'head' should be an object with name sigmoid or rnn"):
         rundir.read_config(tmp_path)
     backbone = {k: v for k, v in VERSION_1_CONFIG["backbone"].items() if k != "preprocessing"}
     (tmp_path / "config.json").write_text(json.dumps({**VERSION_1_CONFIG, "backbone": backbone}))

@@ -14,7 +14,7 @@ from common.tf_logging import quiet_tensorflow_startup
 
 quiet_tensorflow_startup()  # before the first TensorFlow import below
 
-from train.config import TrainConfig
+from train.config import HEADS, LABEL_ORDERS, RNN_CELLS, TrainConfig
 
 _DEFAULTS = TrainConfig(data_dir=Path("."), backbone="", out=Path("."))
 
@@ -52,13 +52,23 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--cache", metavar="memory|DIR", help="keep decoded images in memory or in files under DIR")
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"split, initialisation, shuffle, augmentation (default {d.seed})")
+    p.add_argument("--head", default=d.head, choices=HEADS,
+                   help="sigmoid: one Dense (default); rnn: a CNN -> RNN decoder emitting the tags one by one")
+    p.add_argument("--rnn-cell", default=d.rnn_cell, choices=RNN_CELLS, help=f"rnn head (default {d.rnn_cell})")
+    p.add_argument("--rnn-units", type=int, default=d.rnn_units, help=f"rnn state size (default {d.rnn_units})")
+    p.add_argument("--label-embedding", type=int, default=d.label_embedding,
+                   help=f"rnn label embedding size (default {d.label_embedding})")
+    p.add_argument("--label-order", default=d.label_order, choices=LABEL_ORDERS,
+                   help="order of an image's classes in its rnn training sequence: by training prevalence "
+                        "(frequent, the default; ties by class index), rare first, or class index")
     a = p.parse_args(argv)
     return TrainConfig(
         data_dir=a.data_dir, backbone=a.backbone, out=a.out, val=a.val, val_split=a.val_split,
         image_size=a.image_size, batch_size=a.batch_size, frozen_epochs=a.frozen_epochs, epochs=a.epochs,
         lr=a.lr, finetune_lr=a.finetune_lr, unfreeze=a.unfreeze, dropout=a.dropout, l2=a.l2, weights=a.weights,
         augment=tuple(a.augment.split(",")), devices=a.devices, mixed_precision=a.mixed_precision,
-        cache=a.cache, seed=a.seed,
+        cache=a.cache, seed=a.seed, head=a.head, rnn_cell=a.rnn_cell, rnn_units=a.rnn_units,
+        label_embedding=a.label_embedding, label_order=a.label_order,
     )
 
 

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from train.backbones import get_backbone
 from train.data import DEFAULT_AUGMENT, parse_augment
+from train.rnn_head import CELLS as RNN_CELLS
+from train.rnn_head import LABEL_ORDERS
+
+HEADS = ("sigmoid", "rnn")
 
 # Settings that may differ when a killed run is resumed: they change how it runs, not what it learns.
 RUNTIME_SETTINGS = ("devices", "cache")
@@ -41,6 +45,11 @@ class TrainConfig:
     mixed_precision: bool = False
     cache: str | None = None  # "memory" or a folder
     seed: int = 0
+    head: str = "sigmoid"  # "sigmoid" (one Dense) or "rnn" (the CNN -> RNN tag decoder, train.rnn_head)
+    rnn_cell: str = "lstm"  # rnn head only, as the three below
+    rnn_units: int = 512
+    label_embedding: int = 64
+    label_order: str = "frequent"  # the order of an image's classes in its training sequence
 
     def resolve(self) -> TrainConfig:
         """A copy with defaults filled from the backbone and every setting checked; raises ConfigError."""
@@ -72,6 +81,14 @@ class TrainConfig:
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.l2 >= 0.0, f"--l2 must be non-negative, got {self.l2}"),
             (self.devices is None or self.devices >= 1, f"--devices must be at least 1, got {self.devices}"),
+            (self.head in HEADS, f"--head must be one of {', '.join(HEADS)}, got {self.head!r}"),
+            (self.rnn_cell in RNN_CELLS, f"--rnn-cell must be one of {', '.join(RNN_CELLS)}, got {self.rnn_cell!r}"),
+            (self.rnn_units >= 1, f"--rnn-units must be at least 1, got {self.rnn_units}"),
+            (self.label_embedding >= 1, f"--label-embedding must be at least 1, got {self.label_embedding}"),
+            (
+                self.label_order in LABEL_ORDERS,
+                f"--label-order must be one of {', '.join(LABEL_ORDERS)}, got {self.label_order!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

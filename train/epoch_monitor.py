@@ -1,6 +1,7 @@
 """The per-epoch bookkeeping of a training run, as a Keras callback: measure, validate, record, report.
 
-After each epoch the whole validation set is predicted once for the exact mAP; the best epoch's model is saved,
+After each epoch the whole validation set is predicted once for the exact mAP (by the run's tagger: the fitted model
+itself, or for the rnn head the tagger sharing its weights); the best epoch's tagger is saved,
 the epoch's row goes to history.csv and one line to stdout. A NaN or infinite loss stops the run.
 """
 
@@ -96,7 +97,7 @@ class EpochMonitor(keras.callbacks.Callback):
     def _validate(self, epoch: int) -> Validation | None:
         """Predict the validation set once; None (and the run stopped) when the predictions are not finite."""
         run = self.run
-        probs, kept = run.predict_val(self.model)
+        probs, kept = run.predict_val(run.tagger or self.model)
         if not np.isfinite(probs).all():
             run.stop_reason = f"the validation predictions became NaN or infinite in epoch {epoch + 1}"
             self.model.stop_training = True
@@ -111,7 +112,7 @@ class EpochMonitor(keras.callbacks.Callback):
         run = self.run
         improved = validation.val_map > run.best_map
         if improved:
-            rundir.save_model(self.model, run.out)
+            rundir.save_model(run.tagger or self.model, run.out)
             run.best_map, run.best_epoch = validation.val_map, epoch + 1
         row = {
             "epoch": epoch + 1,

@@ -6,6 +6,9 @@ BatchNormalization frozen, recompiled with Adam at --finetune-lr), epochs number
 per-epoch validation and bookkeeping is `train.epoch_monitor`; each stage has its own BackupAndRestore folder, and
 the best mAP so far is kept next to them (`train.run_state`), so the same command run again after a kill resumes at
 the last finished epoch and ends with the same RUN_DIR files as an uninterrupted run.
+
+With `--head rnn` the stages fit the teacher-forcing model of `train.rnn_head` (masked sequence loss, Adam with
+gradient clipping), while validation, model.keras and the final record use its tagger, which shares the weights.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from train.keras_workarounds import clear_restored_epoch
 from train.metrics import f2_samples, mean_average_precision, per_class_average_precision, tune_thresholds
 from train.model import build_model, estimate_batchnorm_statistics, freeze_backbone, unfreeze_top
 from train.plots import plot_curves
+from train.rnn_head import CLIPNORM, DecoderSpec, class_order, sequence_loss, training_model
 from train.run_state import Split, TrainingRun, run_dir_state
 from train.rundir import LOGS_DIR, MODEL_FILE, RunDirError, RunRecord
 from train.split import stratified_split
@@ -101,14 +105,40 @@ def run_record(cfg: TrainConfig, split: Split, replicas: int) -> RunRecord:
         n_train=len(split.train_paths),
         n_val=len(split.val_paths),
         runtime={"replicas": replicas, "mixed_precision": cfg.mixed_precision},
+        head=_head_record(cfg, split),
     )
+
+
+def _allow_empty(split: Split) -> bool:
+    """Whether the rnn head may decode the empty set: only if some training image has no label."""
+    return not bool(split.train_labels.any(axis=1).all())
+
+
+def _head_record(cfg: TrainConfig, split: Split) -> dict:
+    """config.json's "head": the sigmoid default, or the rnn decoder's settings and the class order it learns."""
+    if cfg.head == "sigmoid":
+        return dict(rundir.SIGMOID_HEAD)
+    order = class_order(split.train_labels, cfg.label_order)
+    return {"name": "rnn", "cell": cfg.rnn_cell, "units": cfg.rnn_units, "label_embedding": cfg.label_embedding,
+            "label_order": cfg.label_order, "class_order": [split.classes[i] for i in order],
+            "allow_empty": _allow_empty(split)}
+
+
+def _decoder_spec(cfg: TrainConfig, split: Split) -> DecoderSpec | None:
+    if cfg.head == "sigmoid":
+        return None
+    return DecoderSpec(cell=cfg.rnn_cell, units=cfg.rnn_units, embedding_dim=cfg.label_embedding,
+                       allow_empty=_allow_empty(split))
 
 
 def _fit_stage(run: TrainingRun, model: keras.Model, stage: int, lr: float, first: int, last: int,
                extra: Sequence[keras.callbacks.Callback]) -> None:
     """Compile for `stage` and fit epochs first..last-1 (0-based), resuming from the stage's backup if any."""
     with run.strategy.scope():
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=keras.losses.BinaryCrossentropy())
+        if run.cfg.head == "rnn":  # the training model's logits over the label sequences, gradients clipped
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr, clipnorm=CLIPNORM), loss=sequence_loss())
+        else:
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=keras.losses.BinaryCrossentropy())
     clear_restored_epoch(model)  # a previous stage's restored epoch must not leak into this stage's fit()
     callbacks = [
         EpochMonitor(run, stage),
@@ -285,17 +315,21 @@ def train(
         run = TrainingRun(cfg, split, strategy, verbose)
         with strategy.scope():
             model, backbone = build_model(run.backbone, len(split.classes), image_size=cfg.image_size,
-                                          weights=cfg.weights, dropout=cfg.dropout, l2=cfg.l2)
+                                          weights=cfg.weights, dropout=cfg.dropout, l2=cfg.l2,
+                                          decoder=_decoder_spec(cfg, split))
+            # The sigmoid model is fitted as it is; the rnn tagger through its teacher-forcing model.
+            run.tagger = model
+            fit_model = training_model(model) if cfg.head == "rnn" else model
         if cfg.weights == "none":
             _estimate_batchnorm(run, backbone)
         # Stage 1: the backbone frozen, the head learns at --lr.
         if cfg.frozen_epochs > 0:
             freeze_backbone(backbone)
-            _fit_stage(run, model, stage=1, lr=cfg.lr, first=0, last=cfg.frozen_epochs, extra=callbacks)
+            _fit_stage(run, fit_model, stage=1, lr=cfg.lr, first=0, last=cfg.frozen_epochs, extra=callbacks)
         # Stage 2: the top --unfreeze of the backbone trains too (BatchNormalization stays frozen), at --finetune-lr.
         if cfg.epochs > cfg.frozen_epochs and not run.stop_reason:
             unfreeze_top(backbone, cfg.unfreeze)
-            _fit_stage(run, model, stage=2, lr=cfg.finetune_lr, first=cfg.frozen_epochs, last=cfg.epochs,
+            _fit_stage(run, fit_model, stage=2, lr=cfg.finetune_lr, first=cfg.frozen_epochs, last=cfg.epochs,
                        extra=callbacks)
         params = model.count_params()
     return _finish(run, params)

@@ -1,4 +1,5 @@
-"""The tagger: a registry backbone (always run in inference mode) under a pooling, dropout and sigmoid head.
+"""The tagger: a registry backbone (always run in inference mode) under pooling, dropout and a head: a sigmoid Dense
+(`--head sigmoid`) or the CNN -> RNN tag decoder of train.rnn_head (`--head rnn`); both give one score per class.
 
 The two training stages differ only in which backbone layers are trainable: none in stage 1, the top fraction in
 stage 2. BatchNormalization layers stay frozen (trainable=False) in both, and that is what keeps them in inference
@@ -12,19 +13,34 @@ from __future__ import annotations
 import keras
 
 from train.backbones import Backbone
+from train.rnn_head import DecoderSpec, decoder_layer
 
 HEAD_LAYERS = ("pool", "dropout", "probabilities")
 
 
 def build_model(
-    backbone: Backbone, n_classes: int, *, image_size: int, weights: str | None, dropout: float, l2: float
+    backbone: Backbone,
+    n_classes: int,
+    *,
+    image_size: int,
+    weights: str | None,
+    dropout: float,
+    l2: float,
+    decoder: DecoderSpec | None = None,
 ) -> tuple[keras.Model, keras.Model]:
-    """The full model (preprocessed image -> one float32 sigmoid per class) and its backbone sub-model."""
+    """The full model (preprocessed image -> one float32 score per class) and its backbone sub-model.
+
+    Without `decoder` the head is a sigmoid Dense; with it, the rnn head's `TagDecoder` (the model returned is then
+    the tagger; `train.rnn_head.training_model` gives the teacher-forcing model over the same layers).
+    """
     features_model = backbone.build(image_size, None if weights in (None, "none") else weights)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     features = features_model(inputs, training=False)  # inference mode; frozen BatchNormalization makes sure of it
     x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
+    if decoder is not None:
+        scores = decoder_layer(n_classes, decoder, l2)(x)
+        return keras.Model(inputs, scores, name=f"{backbone.name}_rnn_tagger"), features_model
     outputs = keras.layers.Dense(
         n_classes,
         activation="sigmoid",

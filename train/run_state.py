@@ -7,6 +7,7 @@ run again after a kill picks them up where the last finished epoch left them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,9 +24,15 @@ from train import rundir
 from train.backbones import get_backbone
 from train.config import RUNTIME_SETTINGS, TrainConfig
 from train.data import SkipLog, make_dataset
+from train.rnn_head import class_order, sequence_rows, teacher_forcing
 from train.rundir import BACKUP_DIR, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunDirError, RunRecord
 
 RunDirState = Literal["fresh", "resume", "complete"]
+_DEFAULT_SETTINGS = {  # TrainConfig's defaults as config.json spells them
+    f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+    for f in dataclasses.fields(TrainConfig)
+    if f.default is not dataclasses.MISSING
+}
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,9 @@ def run_dir_state(out: Path, record: RunRecord) -> RunDirState:
     except RunDirError as err:
         raise RunDirError(f"{err}; choose a new --out") from None
     ignore = set(RUNTIME_SETTINGS)
-    before = {k: v for k, v in old.train.items() if k not in ignore}
+    # A setting added to TrainConfig after the run was written (e.g. --head) is no change when it is at its default.
+    added = {k: v for k, v in _DEFAULT_SETTINGS.items() if k not in old.train and k in record.train}
+    before = {k: v for k, v in {**added, **old.train}.items() if k not in ignore}
     after = {k: v for k, v in record.train.items() if k not in ignore}
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     for key in ("manifest_sha256", "val_manifest_sha256", "classes"):
@@ -66,7 +75,7 @@ def run_dir_state(out: Path, record: RunRecord) -> RunDirState:
     if changed and not has_progress(out):
         return "fresh"  # nothing trained yet (e.g. a start that failed on its weights): the new settings replace it
     if changed:
-        before_after = ((k, old.train.get(k, getattr(old, k, None)), record.train.get(k, getattr(record, k, None)))
+        before_after = ((k, before.get(k, getattr(old, k, None)), after.get(k, getattr(record, k, None)))
                         for k in changed)
         details = "; ".join(f"{k}: {_plain(a)!r} -> {_plain(b)!r}" for k, a, b in before_after)
         raise RunDirError(
@@ -97,10 +106,17 @@ class TrainingRun:
         common = dict(
             image_size=cfg.image_size, preprocessing=self.backbone.preprocessing, cache=cfg.cache, seed=cfg.seed
         )
+        # The rnn head learns label sequences: each image's classes in `class_order`, carried through the same
+        # pipeline as label rows, then split into the teacher-forcing inputs and targets.
+        self.class_order = class_order(split.train_labels, cfg.label_order)
+        rnn = cfg.head == "rnn"
+        labels = sequence_rows(split.train_labels, self.class_order) if rnn else split.train_labels
         self.train_ds = make_dataset(
-            split.train_paths, split.train_labels, batch_size=cfg.batch_size, training=True, augment=cfg.augment,
+            split.train_paths, labels, batch_size=cfg.batch_size, training=True, augment=cfg.augment,
             epoch=self.epoch, skips=self.train_skips, cache_tag="train", **common,
         )
+        if rnn:
+            self.train_ds = teacher_forcing(self.train_ds, len(split.classes))
         self.val_ds = make_dataset(
             split.val_paths, None, batch_size=cfg.batch_size, training=False, skips=self.val_skips,
             cache_tag="val", **common,
@@ -109,6 +125,9 @@ class TrainingRun:
         self.best_map, self.best_epoch = rundir.read_progress(self.out)
         self.stop_reason: str | None = None
         self.last_skipped: dict[str, list[str]] = {"train": [], "val": []}
+        # The model that validates, is saved and predicts (one score per class): the fitted model itself for the
+        # sigmoid head, the tagger sharing the training model's weights for the rnn head. Set by train().
+        self.tagger: keras.Model | None = None
 
     def restart_at(self, epoch: int) -> None:
         """Forget epochs from `epoch` (0-based) on: a resumed fit() redoes them, so their rows must not stay."""

@@ -2,8 +2,8 @@
 
 A RUN_DIR is what `python -m train` leaves and `python -m predict` needs (docs/CONTRACTS.md):
 
-- ``config.json``: a `RunRecord` (settings, backbone entry, classes, versions, the data's fingerprints),
-  written before training starts;
+- ``config.json``: a `RunRecord` (settings, backbone entry, classes, versions, the data's fingerprints, and for
+  an rnn-head run its `head` record), written before training starts;
 - ``classes.txt``: the class names in output order, one per line;
 - ``val_ids.csv``: the validation ids; ``history.csv``: one row per finished epoch (`HISTORY_COLUMNS`);
 - ``model.keras``: the best epoch's model, without optimizer;
@@ -18,7 +18,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,10 @@ PROGRESS_FILE = "progress.json"  # inside BACKUP_DIR: the best val mAP and epoch
 HISTORY_COLUMNS = ["epoch", "stage", "lr", "loss", "val_loss", "val_map", "seconds", "images_per_second"]
 FORMAT_VERSION = 1  # config.json files without "format_version" are version 1
 BACKBONE_KEYS = ("name", "input_size", "preprocessing", "min_input_size")  # train.backbones.Backbone.to_config()
+SIGMOID_HEAD = {"name": "sigmoid"}  # the head of a config.json without a "head" key (every run before issue 11)
+# The "head" record of an rnn run: its decoder settings, the label order and the class order it resolved to (class
+# names, the order of each training sequence), and whether the empty set may be decoded.
+RNN_HEAD_KEYS = ("name", "cell", "units", "label_embedding", "label_order", "class_order", "allow_empty")
 
 
 class RunDirError(ConfigError):
@@ -66,13 +70,21 @@ class RunRecord:
     n_train: int
     n_val: int
     runtime: dict  # replicas, mixed_precision
+    head: dict = field(default_factory=lambda: dict(SIGMOID_HEAD))  # SIGMOID_HEAD, or RNN_HEAD_KEYS for rnn
+
+    @property
+    def head_name(self) -> str:
+        return str(self.head["name"])
 
     def to_json(self) -> dict:
-        """The record as config.json's JSON object (sequences as lists)."""
+        """The record as config.json's JSON object (sequences as lists); a sigmoid run's file has no "head" key, so
+        it is byte for byte what it was before the rnn head existed."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
+        if self.head == SIGMOID_HEAD:
+            del out["head"]
         return out
 
 
@@ -91,6 +103,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "n_val": (int,),
     "runtime": (dict,),
 }
+_OPTIONAL = {"head": SIGMOID_HEAD}  # keys a config.json may leave out, and what their absence means
 
 
 def _read_json(path: Path) -> Any:
@@ -109,8 +122,8 @@ def record_from_json(data: Any, path: str | Path = CONFIG_FILE) -> RunRecord:
     version = data.get("format_version", 1)  # written before format_version existed: version 1
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise RunDirError(f"{path}: format_version {version!r} is not one this code reads ({FORMAT_VERSION})")
-    data = {**data, "format_version": version}
-    unknown = sorted(set(data) - set(_TYPES))
+    data = {**_OPTIONAL, **data, "format_version": version}
+    unknown = sorted(set(data) - set(_TYPES) - set(_OPTIONAL))
     if unknown:
         raise RunDirError(f"{path}: unknown key {unknown[0]!r} (format_version {version})")
     for key, types in _TYPES.items():
@@ -130,7 +143,20 @@ def record_from_json(data: Any, path: str | Path = CONFIG_FILE) -> RunRecord:
         raise RunDirError(
             f"{path}: key 'class_prevalence' should hold one number per class ({len(classes)}), got {prevalence!r}"
         )
+    _check_head(data["head"], classes, path)
     return RunRecord(**{**data, "classes": tuple(classes), "class_prevalence": tuple(float(p) for p in prevalence)})
+
+
+def _check_head(head: Any, classes: list[str], path: str | Path) -> None:
+    if not isinstance(head, dict) or head.get("name") not in ("sigmoid", "rnn"):
+        raise RunDirError(f"{path}: key 'head' should be an object with name sigmoid or rnn, got {head!r}")
+    if head["name"] == "rnn":
+        missing = [k for k in RNN_HEAD_KEYS if k not in head]
+        if missing:
+            raise RunDirError(f"{path}: missing key 'head.{missing[0]}'")
+        if sorted(head["class_order"]) != sorted(classes):
+            raise RunDirError(f"{path}: key 'head.class_order' should list the classes once each, got "
+                              f"{head['class_order']!r}")
 
 
 # --- config.json, classes.txt ---------------------------------------------------------------------------------
