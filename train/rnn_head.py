@@ -35,7 +35,7 @@ CLIPNORM = 1.0  # Adam's per-gradient norm clip for the rnn head, both stages (r
 DECODER_LAYER = "decoder"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecoderSpec:
     """The decoder's settings: cell (lstm|gru), state size, label embedding size, and whether the empty set may be
     decoded (False when every training image has a label: end is then banned at the first step)."""
