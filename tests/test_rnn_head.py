@@ -32,7 +32,7 @@ from train import backbones as registry
 from train import rundir
 from train.__main__ import parse_args
 from train.data import make_dataset
-from train.fit import load_split, train
+from train.fit import TrainingDiverged, load_split, train
 from train.metrics import f2_samples, mean_average_precision
 from train.model import build_model
 from train.rnn_head import (
@@ -428,3 +428,29 @@ def test_mixed_precision_keeps_logits_and_scores_float32_and_scales_the_loss(tmp
         keras.mixed_precision.set_global_policy(previous)
     # Reloaded in a float32 process, the tagger keeps its policy and its scores.
     np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "model.keras").predict(IMAGES, verbose=0), scores)
+
+
+class InjectNaN(keras.callbacks.Callback):
+    """Turns the decoder's token kernel into NaN at the start of the second epoch (the fitted model is the
+    teacher-forcing model, which holds the same decoder layer as the tagger)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            kernel = self.model.get_layer("decoder").token_logits.kernel
+            kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+
+def test_a_nan_loss_stops_an_rnn_run_and_keeps_the_best_tagger(data, tmp_path):
+    out = tmp_path / "run"
+    printed = io.StringIO()
+    stopped = r"loss became nan in epoch 2, batch 1.*best model so far \(epoch 1"
+    diverged = pytest.raises(TrainingDiverged, match=stopped)
+    with contextlib.redirect_stdout(printed), diverged:
+        train(parse_args([str(data.root), "--out", str(out), *rnn_flags("gru")]), verbose=0, callbacks=[InjectNaN()])
+    # --weights none: the tiny backbone's one BatchNormalization got the statistics of the 18 training images.
+    assert "BatchNormalization statistics of 1 layers estimated on 18 training images" in printed.getvalue()
+    assert pd.read_csv(out / rundir.HISTORY_FILE)["epoch"].tolist() == [1]
+    metrics = rundir.read_metrics(out)
+    assert metrics["best_epoch"] == 1 and "nan" in metrics["stopped_early"]
+    scores = load_run(out).model.predict(IMAGES, verbose=0)
+    assert np.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
