@@ -39,11 +39,11 @@ lint: install-test $(RUFF)
 $(RUFF): | $(TEST_STAMP)
 	$(PY) -m pip install --quiet -r requirements-test.txt
 
-test: install-test
+test: install-test install-bench
 	$(PY) -m pytest -m "not slow" -q
 
 # Exit status 5 (no test collected) is not a failure: the slow set may be empty in a trimmed checkout.
-test-slow: install-test
+test-slow: install-test install-bench
 	$(PY) -m pytest -m slow -q || test $$? -eq 5
 
 bench: install-bench
