@@ -373,6 +373,7 @@ def _train_cli(argv: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # the replica mechanism is head-independent; the sigmoid head's fast test covers it in `make test`
 def test_two_replicas_train_the_rnn_head(data, tmp_path):
     out = tmp_path / "run"
     proc = _train_cli([str(data.root), "--out", str(out), *rnn_flags("gru"), "--epochs", "1", "--devices", "2"])
@@ -387,12 +388,12 @@ def test_two_replicas_train_the_rnn_head(data, tmp_path):
                                atol=1e-6)
 
 
+@pytest.mark.slow  # as for the replicas: the sigmoid head's kill -9 test is in `make test`
+@pytest.mark.parametrize("rnn_run", ["lstm"], indirect=True)  # one cell: the resume mechanism is head-independent
 def test_resume_after_kill_ends_like_an_uninterrupted_run(rnn_run, data, tmp_path):
     from tests.test_train import _kill_when, assert_same_numbers
 
     cell, reference, _ = rnn_run
-    if cell != "lstm":
-        pytest.skip("one cell is enough: the resume mechanism is the head-independent one")
     out = tmp_path / "run"
     argv = [str(data.root), "--out", str(out), *rnn_flags(cell)]
     _kill_when(_train_cli(argv), out / "backup" / "stage1" / "training_metadata.json")
