@@ -79,6 +79,26 @@ def test_evaluation_sees_every_readable_image_once_in_order(data):
     np.testing.assert_array_equal(np.concatenate([b.numpy() for b in unlabelled]), images)
 
 
+def test_evaluation_pads_the_last_batch_to_a_multiple_of_the_replicas(data):
+    """12 readable images in batches of 5 over 5 replicas: 5, 5, 2 plain; padded, the last batch gets 3 zero rows
+    (images and labels) after its 2 real ones, and nothing else changes; training batches are never padded."""
+    paths = _paths(data)
+    settings = dict(image_size=SIZE, preprocessing="inception", batch_size=5, training=False)
+    plain = list(make_dataset(paths, data.labels, **settings))
+    padded = list(make_dataset(paths, data.labels, pad_to_multiple=5, **settings))
+    assert [int(b[0].shape[0]) for b in plain] == [5, 5, 2]
+    assert [int(b[0].shape[0]) for b in padded] == [5, 5, 5]
+    for (images, labels), (p_images, p_labels) in zip(plain, padded, strict=True):
+        n = int(images.shape[0])
+        np.testing.assert_array_equal(p_images[:n], images)
+        np.testing.assert_array_equal(p_labels[:n], labels)
+        assert not np.asarray(p_images[n:]).any() and not np.asarray(p_labels[n:]).any()
+    assert [int(b.shape[0]) for b in make_dataset(paths, None, pad_to_multiple=5, **settings)] == [5, 5, 5]
+    training = make_dataset(paths, data.labels, image_size=SIZE, preprocessing="inception", batch_size=4,
+                            training=True, pad_to_multiple=3)
+    assert [int(b[0].shape[0]) for b in training] == [4, 4, 4]
+
+
 def test_training_batches_are_full_shuffled_by_seed_and_epoch_and_keep_labels(data):
     paths = _paths(data)
     n = len(paths)

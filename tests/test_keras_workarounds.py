@@ -1,4 +1,4 @@
-"""train.keras_workarounds: each test reproduces, on a tiny Dense model, the Keras behaviour a workaround exists for.
+"""Each test reproduces, on a tiny model, a Keras or TensorFlow behaviour that a workaround in train/ exists for.
 
 When one of these fails after a Keras upgrade, Keras changed that behaviour: check whether the workaround named in
 the failure message is still needed, and remove it (with its test) if not.
@@ -190,3 +190,39 @@ def test_a_frozen_batchnorm_keeps_its_statistics_during_fit():
         _fit_once(model)
         assert np.array_equal(np.asarray(norm.moving_mean), before[0])
         assert np.array_equal(np.asarray(norm.moving_variance), before[1])
+
+
+_EMPTY_REPLICA_BATCH = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)))
+for n in (10, 9):  # batches of 8: the last one holds 2 images (one per replica), then 1 (one replica gets none)
+    ds = tf.data.Dataset.from_tensor_slices(np.zeros((n, 8, 8, 3), np.float32)).batch(8)
+    try:
+        print(n, "ok", model.predict(ds, verbose=0).shape[0])
+    except Exception as err:
+        print(n, "fails", type(err).__name__)
+"""
+
+
+def test_mirrored_predict_fails_when_a_replica_gets_no_image_of_the_last_batch():
+    """Why train.data.make_dataset(pad_to_multiple=replicas) pads the last validation batch.
+
+    With 2 replicas, a last batch of one image leaves one replica an empty batch, and MirroredStrategy's predict
+    fails on it (InvalidArgumentError) in TensorFlow 2.21 / Keras 3.15.
+    """
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _EMPTY_REPLICA_BATCH], capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line[:2] in ("10", "9 ")]
+    assert lines[0] == "10 ok 10", result.stdout + result.stderr
+    assert lines[1] == "9 fails InvalidArgumentError", (
+        f"{lines[1]!r}: TensorFlow now predicts a last batch smaller than the replica count; the padding in "
+        "train.data.make_dataset (pad_to_multiple) may be removable"
+    )

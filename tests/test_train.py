@@ -426,7 +426,7 @@ def test_two_replicas_on_a_split_cpu(data, tmp_path):
     out = tmp_path / "run"
     code, stdout, stderr = _finish(_cli([str(data.root), "--out", str(out), "--backbone", "xception",
                                          "--image-size", "75", "--batch-size", "8", "--frozen-epochs", "1",
-                                         "--epochs", "1", "--weights", "none", "--val-split", "0.25",
+                                         "--epochs", "1", "--weights", "none", "--val-split", "0.225",
                                          "--devices", "2"]))
     assert code == 0, stderr
     assert "2 replica(s), global batch 8" in stdout
@@ -434,8 +434,11 @@ def test_two_replicas_on_a_split_cpu(data, tmp_path):
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1]
     val_ids = pd.read_csv(out / "val_ids.csv")["id"].tolist()
     bad = set(data.corrupt_ids + data.missing_ids)
-    # 10 or 9 readable validation images over 2 replicas with batch 8: the uneven last batch is still seen once.
-    assert pd.read_csv(out / "val_predictions.csv")["id"].tolist() == [i for i in val_ids if i not in bad]
+    readable = [i for i in val_ids if i not in bad]
+    # 9 readable validation images over 2 replicas with batch 8: the last batch holds one image, which alone would
+    # leave one replica an empty batch (TensorFlow fails on it); padded, it is still seen exactly once.
+    assert len(readable) % 8 == 1
+    assert pd.read_csv(out / "val_predictions.csv")["id"].tolist() == readable
 
 
 def test_batch_that_does_not_divide_by_the_replicas_is_refused(data, tmp_path):

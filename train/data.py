@@ -277,6 +277,7 @@ def make_dataset(
     epoch: tf.Variable | None = None,
     skips: SkipLog | None = None,
     cache_tag: str = "images",
+    pad_to_multiple: int = 1,
 ) -> tf.data.Dataset:
     """The input pipeline: yields (images, labels) batches, or images alone when `labels` is None.
 
@@ -285,6 +286,11 @@ def make_dataset(
     index into `paths`). `cache` is None, "memory" or a folder for the decoded, resized images. `epoch` (an int64
     tf.Variable, advanced by the caller) keys the shuffle and the augmentation so that they depend only on
     (seed, epoch); without it every pass draws a new seeded key.
+
+    `pad_to_multiple` (evaluation only): a batch whose size is not a multiple of it (with a batch size that is one:
+    only the last batch) gets zero images (and zero labels) appended up to one, so that a MirroredStrategy with that
+    many replicas never hands a replica an empty batch (TensorFlow fails on one: tests/test_keras_workarounds.py).
+    The padding rows come last; the caller drops the predictions past the readable images (SkipLog.delivered()).
     """
     paths = [str(p) for p in paths]
     n = len(paths)
@@ -352,9 +358,18 @@ def make_dataset(
             ds = tf.data.Dataset.zip((ds.enumerate(), keys)).map(
                 lambda numbered, key: augment_and_preprocess(numbered[0], *numbered[1], key),
                 num_parallel_calls=_PARALLEL)
+    if pad_to_multiple > 1 and not training:
+        ds = ds.map(lambda images, label: _pad_batch(images, label, pad_to_multiple))
     if labels is None:
         ds = ds.map(lambda images, label: images)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
+
+
+def _pad_batch(images: tf.Tensor, labels: tf.Tensor, multiple: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Zero rows appended to a batch up to the next multiple of `multiple` rows (none when it already is one)."""
+    extra = tf.math.floormod(-tf.shape(images)[0], multiple)
+    pad_images = tf.concat([[[0, extra]], tf.zeros([tf.rank(images) - 1, 2], tf.int32)], axis=0)
+    return tf.pad(images, pad_images), tf.pad(labels, [[0, extra], [0, 0]])
 
 
 def _permuted(i: tf.Tensor, n: int, seed: int, epoch: tf.Variable) -> tf.Tensor:

@@ -117,9 +117,10 @@ class TrainingRun:
         )
         if rnn:
             self.train_ds = teacher_forcing(self.train_ds, len(split.classes))
+        # Every replica gets at least one image of the last validation batch: it is padded to a multiple of them.
         self.val_ds = make_dataset(
             split.val_paths, None, batch_size=cfg.batch_size, training=False, skips=self.val_skips,
-            cache_tag="val", **common,
+            cache_tag="val", pad_to_multiple=strategy.num_replicas_in_sync, **common,
         )
         self.history = rundir.read_history(self.out)
         self.best_map, self.best_epoch = rundir.read_progress(self.out)
@@ -151,8 +152,10 @@ class TrainingRun:
             warnings.filterwarnings("ignore", message="Your input ran out of data")  # unknown-length datasets end so
             probs = np.asarray(model.predict(self.val_ds, verbose=0), np.float64)
         delivered = np.asarray(self.val_skips.delivered(), dtype=int)
-        if len(delivered) != len(probs):
+        padding = len(probs) - len(delivered)  # the last batch's padding rows (fewer than the replicas)
+        if not 0 <= padding < self.strategy.num_replicas_in_sync:
             raise RuntimeError(f"validation gave {len(probs)} predictions for {len(delivered)} readable images")
+        probs = probs[: len(delivered)]
         if len(delivered) == 0:
             raise DataDirError(f"none of the {len(self.split.val_paths)} validation images could be read")
         return probs, delivered
