@@ -14,11 +14,25 @@ the labelled test set through `predict` (`load_run`, `predict_ensemble`, `evalua
   one colour (`structure`, a pure function);
 - parameters (metrics.json), training images/s per stage (history.csv) and prediction images/s (warm-up excluded).
 
-Everything goes under --work (default bench_out/heads): a second call reuses the generated images and every
-finished RUN_DIR, and resumes a killed one (train's own resume), so a crash loses nothing.
+`--data shapes` runs the same comparison on a second kind of labelled data, with no structure: the coloured shapes
+of the train tests' generator (`tests.datagen.make_data_dir`; bench modules may use the test helpers, imported
+only for this data kind). A training DATA_DIR (seed --data-seed) and a separate labelled test DATA_DIR (seed
+--data-seed + 1) of the demo's sizes (--n-train, --n-test), --n-classes of tests.datagen's 5 shapes (all 5 by
+default), each image square with the demo's mean side ((--min-side + --max-side) // 2 = 550 px), written through
+crawl.manifest. Each class is drawn independently (prevalence 0.4), with `every_image_labelled`: an image that drew
+no class gets one at random, so no image has an empty label set, as on the demo. The rnn head would not need it
+(train lets the decoder emit the empty set when some training image has none), but with it both data kinds
+ask the same of the heads: never predict the empty set. As the classes are independent there is no structure to
+break: the structure-violation figures are not applicable (null in the JSON, "n/a" in the tables); every other
+figure is computed as for the demo.
 
-    python -m bench.heads [--seeds 0,1,2] [--heads sigmoid,lstm] [--backbone xception] [--work bench_out/heads]
-                          [--epochs 8 --frozen-epochs 3] [--json FILE]
+Everything goes under --work (default bench_out/heads): a second call reuses the generated images and every
+finished RUN_DIR, and resumes a killed one (train's own resume), so a crash loses nothing. The demo's data and runs
+are directly under it (generated/, lists/, data/, runs/, heads.md); the shapes' under its shapes/ folder (data/,
+runs/, heads.md, with the same run names), so each kind reuses its own runs.
+
+    python -m bench.heads [--data demo|shapes] [--seeds 0,1,2] [--heads sigmoid,lstm] [--backbone xception]
+                          [--work bench_out/heads] [--epochs 8 --frozen-epochs 3] [--n-classes 5] [--json FILE]
 
 `--heads` takes sigmoid, lstm and gru (the rnn head with that cell).
 """
@@ -42,12 +56,15 @@ from crawl import manifest as mf
 from crawl.images import ImageRejected, process_image
 from crawl.listfile import parse_list
 from demo.__main__ import DemoConfig
-from demo.generate import CLASSES, COLOURS, GARMENTS, DemoDataConfig, generate, with_base_url
+from demo.generate import COLOURS, GARMENTS, DemoDataConfig, generate, with_base_url
 
 HEADS = ("sigmoid", "lstm", "gru")  # "lstm" and "gru" are --head rnn with that --rnn-cell
 BASE_URL = "http://demo.invalid"  # the lists' URL token replaced by a fixed address: the DATA_DIRs are reproducible
 STRUCTURE = (tuple(GARMENTS), tuple(COLOURS))  # exactly one class of each group is true on every demo image
 MAX_PIXELS = 50_000_000  # the crawl's default --max-pixels
+DATA_KINDS = ("demo", "shapes")
+SHAPES_DIR = "shapes"  # the shapes' work folder under --work (the demo's files stay directly under it)
+N_SHAPE_CLASSES = 5  # len(tests.datagen.SHAPES): the generator draws at most this many classes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,10 +72,12 @@ class HeadsBenchConfig:
     """Settings of the head comparison; the data and training defaults are the demo's (demo.__main__.DemoConfig)."""
 
     work: Path = Path("bench_out/heads")
+    data: str = "demo"  # or "shapes" (tests.datagen's independent classes)
+    n_classes: int = N_SHAPE_CLASSES  # shapes only: the demo's classes are demo.generate's
     n_train: int = DemoConfig.n_train
     n_test: int = DemoConfig.n_test
     data_seed: int = DemoConfig.seed
-    min_side: int = 300  # demo.generate's image sizes
+    min_side: int = 300  # demo.generate's image sizes; the shapes are square with the mean side
     max_side: int = 800
     backbone: str = "xception"  # the demo's fastest backbone that learns well from random weights
     image_size: int = DemoConfig.image_size
@@ -84,36 +103,61 @@ class HeadsBenchConfig:
             raise ValueError(f"--heads: unknown head(s) {unknown or 'none given'}; known: {', '.join(HEADS)}")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"--data: unknown data kind {self.data!r}; known: {', '.join(DATA_KINDS)}")
+        if self.data == "shapes" and not 1 <= self.n_classes <= N_SHAPE_CLASSES:
+            raise ValueError(f"--n-classes: {self.n_classes}; the shapes generator draws 1 to {N_SHAPE_CLASSES}")
+
+    @property
+    def kind_dir(self) -> Path:
+        """This data kind's work folder: --work itself for the demo (as before --data), --work/shapes otherwise."""
+        return self.work if self.data == "demo" else self.work / SHAPES_DIR
+
+    @property
+    def shapes_side(self) -> int:
+        """The side of every shapes image: the mean of the demo's sides."""
+        return (self.min_side + self.max_side) // 2
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...] | None:
+        """The structure of the data's label sets (exactly one class of each group), or None when it has none."""
+        return STRUCTURE if self.data == "demo" else None
 
 
 # --- the structure of a predicted set (pure) ------------------------------------------------------------------------
 
 
-def structure(y_pred: np.ndarray, classes: Sequence[str], groups: Sequence[Sequence[str]] = STRUCTURE) -> dict:
+def structure(
+    y_pred: np.ndarray, classes: Sequence[str], groups: Sequence[Sequence[str]] | None = STRUCTURE
+) -> dict:
     """What a 0/1 prediction matrix (images x classes) looks like as sets: mean labels per image, the share of empty
-    sets, and the share of sets that break the structure (not exactly one class of each group)."""
+    sets, and the share of sets that break the structure (not exactly one class of each group; None when `groups`
+    is None: data without structure has nothing to break)."""
     y = np.asarray(y_pred).astype(bool)
     classes = list(classes)
     if y.ndim != 2 or y.shape[1] != len(classes):
         raise ValueError(f"predictions have shape {y.shape}, expected (images, {len(classes)})")
     if y.shape[0] == 0:
         raise ValueError("no predictions")
-    missing = [c for group in groups for c in group if c not in classes]
+    missing = [c for group in groups or () for c in group if c not in classes]
     if missing:
         raise ValueError(f"structure classes not among the classes: {missing}")
     counts = y.sum(axis=1)
     ok = np.ones(len(y), dtype=bool)
-    for group in groups:
+    for group in groups or ():
         ok &= y[:, [classes.index(c) for c in group]].sum(axis=1) == 1
     return {
         "labels_per_image": float(counts.mean()),
         "empty_share": float((counts == 0).mean()),
-        "violation_rate": float((~ok).mean()),
+        "violation_rate": None if groups is None else float((~ok).mean()),
     }
 
 
-def spread(values: Sequence[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value), min and max of a run metric over seeds."""
+def spread(values: Sequence[float | None]) -> dict | None:
+    """Mean, sample standard deviation (0 for one value), min and max of a run metric over seeds; None when the
+    metric is not applicable (None) for the runs."""
+    if any(v is None for v in values):
+        return None
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
             "min": float(v.min()), "max": float(v.max()), "n": len(v)}
@@ -154,6 +198,11 @@ def _write_data_dir(list_path: Path, classes_path: Path, images: Path, root: Pat
 
 
 def make_data(config: HeadsBenchConfig) -> dict[str, Path]:
+    """The train and labelled test DATA_DIRs of the config's data kind; returns {"train": DATA_DIR, "test": ...}."""
+    return make_demo_data(config) if config.data == "demo" else make_shapes_data(config)
+
+
+def make_demo_data(config: HeadsBenchConfig) -> dict[str, Path]:
     """Draw the demo's train and test images (reused when already drawn) and write the train and labelled test
     DATA_DIRs; returns {"train": DATA_DIR, "test": DATA_DIR}."""
     generated = config.work / "generated"
@@ -163,6 +212,22 @@ def make_data(config: HeadsBenchConfig) -> dict[str, Path]:
     for name, key in (("train", "train_list"), ("test", "test_labels")):
         resolved = with_base_url(lists[key], BASE_URL, config.work / "lists" / lists[key].name)
         dirs[name] = _write_data_dir(resolved, lists["classes"], generated / "images", config.work / "data" / name)
+    return dirs
+
+
+def make_shapes_data(config: HeadsBenchConfig) -> dict[str, Path]:
+    """Write tests.datagen's labelled DATA_DIRs of independent shapes: train (seed data_seed) and test (seed
+    data_seed + 1), every image labelled. Redrawn on every call: the same settings write the same bytes (so the
+    manifests, which the runs record, are unchanged and finished runs are reused); other settings other data."""
+    from tests.datagen import make_data_dir  # a test helper: imported only for this data kind
+
+    side = config.shapes_side
+    dirs = {}
+    for i, (name, n) in enumerate((("train", config.n_train), ("test", config.n_test))):
+        root = config.kind_dir / "data" / name
+        make_data_dir(root, n, config.n_classes, seed=config.data_seed + i, size=(side, side), id_prefix=f"{name}_",
+                      every_image_labelled=True)
+        dirs[name] = root
     return dirs
 
 
@@ -180,15 +245,17 @@ def train_config(config: HeadsBenchConfig, data_dir: Path, head: str, seed: int)
     rnn = {} if head == "sigmoid" else {"head": "rnn", "rnn_cell": head, "rnn_units": config.rnn_units,
                                         "label_embedding": config.label_embedding}
     return TrainConfig(
-        data_dir=data_dir, backbone=config.backbone, out=config.work / "runs" / run_name(config, head, seed),
+        data_dir=data_dir, backbone=config.backbone, out=config.kind_dir / "runs" / run_name(config, head, seed),
         val_split=config.val_split, image_size=config.image_size, batch_size=config.batch_size,
         frozen_epochs=config.frozen_epochs, epochs=config.epochs, lr=config.lr, finetune_lr=config.finetune_lr,
         unfreeze=config.unfreeze, weights="none", devices=config.devices, seed=seed, **rnn,
     )
 
 
-def score_run(run_dir: Path, test_dir: Path, *, batch_size: int, head: str, seed: int) -> dict:
-    """One finished RUN_DIR scored on the labelled test DATA_DIR, with its training figures from the RUN_DIR."""
+def score_run(run_dir: Path, test_dir: Path, *, batch_size: int, head: str, seed: int,
+              groups: Sequence[Sequence[str]] | None = STRUCTURE) -> dict:
+    """One finished RUN_DIR scored on the labelled test DATA_DIR, with its training figures from the RUN_DIR
+    (`groups`: the data's structure, None for none: the violation rates are then None)."""
     from predict.evaluate import evaluation_report, load_labelled
     from predict.inference import predict_ensemble
     from predict.runs import load_run
@@ -206,9 +273,9 @@ def score_run(run_dir: Path, test_dir: Path, *, batch_size: int, head: str, seed
         report = evaluation_report(truth, probs, run.classes, t)  # mAP is threshold-free; F2 at these thresholds
         row["map"] = report["map"]
         row[f"f2_at_{name}"] = report["f2"]
-        for key, value in structure(apply_thresholds(probs, t), run.classes).items():
+        for key, value in structure(apply_thresholds(probs, t), run.classes, groups).items():
             row[f"{key}_at_{name}"] = value
-    row["true_labels_per_image"] = structure(truth, run.classes)["labels_per_image"]
+    row["true_labels_per_image"] = structure(truth, run.classes, groups)["labels_per_image"]
     metrics = rundir.read_metrics(run_dir) or {}
     history = rundir.read_history(run_dir)
     per_stage = history.groupby("stage")["images_per_second"].mean()
@@ -258,7 +325,8 @@ def run_benchmark(config: HeadsBenchConfig) -> dict:
             cfg = train_config(config, dirs["train"], head, seed)
             print(f"\n== {head}, seed {seed}: {cfg.out}", flush=True)
             result = train(cfg, strategy=strategy, verbose=2)
-            row = score_run(result.run_dir, dirs["test"], batch_size=config.predict_batch_size, head=head, seed=seed)
+            row = score_run(result.run_dir, dirs["test"], batch_size=config.predict_batch_size, head=head, seed=seed,
+                            groups=config.groups)
             row["reused"] = result.already_complete
             rows.append(row)
             print(f"   test mAP {row['map']:.4f}, F2 @0.5 {row['f2_at_0.5']:.4f}, F2 @tuned {row['f2_at_tuned']:.4f}",
@@ -267,9 +335,9 @@ def run_benchmark(config: HeadsBenchConfig) -> dict:
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "data": {
-            "train_dir": str(dirs["train"]), "test_dir": str(dirs["test"]), "classes": list(CLASSES),
-            "test_images": len(data.manifest),
-            "truth": structure(data.labels(), data.classes),
+            "kind": config.data, "train_dir": str(dirs["train"]), "test_dir": str(dirs["test"]),
+            "classes": list(data.classes), "test_images": len(data.manifest),
+            "truth": structure(data.labels(), data.classes, config.groups),
         },
         "runs": rows,
         "summary": summarise(rows, config.heads),
@@ -298,8 +366,13 @@ COLUMNS = (
 )
 
 
-def cell(value: float, fmt: str) -> str:
-    """One table cell: parameters in millions, anything else with its format."""
+NOT_APPLICABLE = "n/a"  # the cell of a figure the data has no use for (None in the JSON)
+
+
+def cell(value: float | None, fmt: str) -> str:
+    """One table cell: parameters in millions, anything else with its format; "n/a" for None."""
+    if value is None:
+        return NOT_APPLICABLE
     return f"{value / 1e6:.2f}" if fmt == "params" else format(value, fmt)
 
 
@@ -317,14 +390,17 @@ def markdown(result: dict) -> str:
     lines += ["", "| head | runs | " + " | ".join(headers) + " |", "| --- | ---: |" + " ---: |" * len(headers)]
     for head, figures in result["summary"].items():
         n = figures["map"]["n"]
-        cells = [f"{cell(figures[k]['mean'], f)} ± {cell(figures[k]['std'], f)}" for k, _, f in COLUMNS]
+        cells = [NOT_APPLICABLE if figures[k] is None
+                 else f"{cell(figures[k]['mean'], f)} ± {cell(figures[k]['std'], f)}" for k, _, f in COLUMNS]
         lines.append(f"| {head_label(head)} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def title(config: HeadsBenchConfig, result: dict) -> str:
     """One line saying what the tables measured."""
-    return (f"heads benchmark: {config.backbone} at {config.image_size} px, weights none, {config.frozen_epochs} "
+    data = "" if config.data == "demo" else (
+        f"shapes data ({len(result['data']['classes'])} independent classes, {config.shapes_side} px), ")
+    return (f"heads benchmark: {data}{config.backbone} at {config.image_size} px, weights none, {config.frozen_epochs} "
             f"frozen + {config.epochs - config.frozen_epochs} fine-tuning epochs, {config.devices} replica(s), "
             f"{config.n_train} train / {result['data']['test_images']} test images, seeds "
             f"{','.join(map(str, config.seeds))} ({result['seconds']:.0f} s)")
@@ -342,13 +418,18 @@ def main(argv: list[str] | None = None) -> int:
     d = HeadsBenchConfig
     parser = argparse.ArgumentParser(prog="python -m bench.heads", description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=d.work, help="data and RUN_DIRs; finished runs are reused")
+    parser.add_argument("--data", choices=DATA_KINDS, default=d.data,
+                        help="demo: demo.generate's garments; shapes: tests.datagen's independent shapes")
+    parser.add_argument("--n-classes", type=int, default=d.n_classes, help="--data shapes: how many shape classes")
+    parser.add_argument("--data-seed", type=int, default=d.data_seed, help="the generators' seed")
     parser.add_argument("--heads", type=_names, default=d.heads, help=f"comma-separated, of {', '.join(HEADS)}")
     parser.add_argument("--seeds", type=_ints, default=d.seeds, help="comma-separated training seeds")
     parser.add_argument("--backbone", default=d.backbone)
     parser.add_argument("--image-size", type=int, default=d.image_size)
     parser.add_argument("--n-train", type=int, default=d.n_train)
     parser.add_argument("--n-test", type=int, default=d.n_test)
-    parser.add_argument("--min-side", type=int, default=d.min_side, help="generated image sizes (px)")
+    parser.add_argument("--min-side", type=int, default=d.min_side,
+                        help="generated image sizes (px); the shapes are square with the mean side")
     parser.add_argument("--max-side", type=int, default=d.max_side)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--frozen-epochs", type=int, default=d.frozen_epochs)
@@ -362,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = HeadsBenchConfig(
-            work=args.work, heads=args.heads, seeds=args.seeds, backbone=args.backbone, image_size=args.image_size,
+            work=args.work, data=args.data, n_classes=args.n_classes, data_seed=args.data_seed, heads=args.heads,
+            seeds=args.seeds, backbone=args.backbone, image_size=args.image_size,
             n_train=args.n_train, n_test=args.n_test, min_side=args.min_side, max_side=args.max_side,
             batch_size=args.batch_size, frozen_epochs=args.frozen_epochs, epochs=args.epochs, lr=args.lr,
             finetune_lr=args.finetune_lr, devices=args.devices, rnn_units=args.rnn_units,
@@ -374,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(result)
     print(f"\n{title(config, result)}\n")
     print(table)
-    atomic_write_text(config.work / "heads.md", table + "\n")
+    atomic_write_text(config.kind_dir / "heads.md", table + "\n")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0

@@ -1,6 +1,7 @@
 """bench.heads: the structure figures on hand-made predictions, the spread over seeds, and a tiny end-to-end run whose
 printed tables equal its JSON, whose data is the demo's, whose figures agree with `predict evaluate`, and whose
-second call reuses the finished runs.
+second call reuses the finished runs; then a tiny `--data shapes` run (tests.datagen's independent classes) in the
+same work folder, whose structure columns are not applicable and whose runs are kept apart from the demo's.
 
 Nothing here depends on how fast the machine is: speeds are only checked to be positive.
 """
@@ -20,6 +21,7 @@ from bench.heads import COLUMNS, HeadsBenchConfig, main, run_name, spread, struc
 from crawl import manifest as mf
 from demo.generate import CLASSES, _sample_labels
 from predict.evaluate import EvaluateConfig, evaluate
+from tests.datagen import SHAPES
 from train import backbones as registry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Your input ran out of data")
@@ -74,9 +76,16 @@ def test_structure_of_the_demo_truth_has_the_true_count_and_no_violation():
     assert figures["empty_share"] == 0.0 and figures["violation_rate"] == 0.0
 
 
+def test_structure_without_groups_has_no_violation_rate():
+    y = np.array([[1, 0, 1], [0, 0, 0], [1, 1, 1]])
+    assert structure(y, ["a", "b", "c"], None) == {"labels_per_image": pytest.approx(5 / 3),
+                                                   "empty_share": pytest.approx(1 / 3), "violation_rate": None}
+
+
 def test_spread_is_mean_sample_std_min_max():
     assert spread([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
     assert spread([0.25]) == {"mean": 0.25, "std": 0.0, "min": 0.25, "max": 0.25, "n": 1}
+    assert spread([None, None]) is None  # a figure the data has no use for
 
 
 def test_config_refuses_unknown_heads_and_no_seeds():
@@ -84,6 +93,10 @@ def test_config_refuses_unknown_heads_and_no_seeds():
         HeadsBenchConfig(heads=("sigmoid", "transformer"))
     with pytest.raises(ValueError, match="seed"):
         HeadsBenchConfig(seeds=())
+    with pytest.raises(ValueError, match="data kind"):
+        HeadsBenchConfig(data="cifar")
+    with pytest.raises(ValueError, match="n-classes"):
+        HeadsBenchConfig(data="shapes", n_classes=len(SHAPES) + 1)
 
 
 # --- a tiny end-to-end run -------------------------------------------------------------------------------------------
@@ -143,9 +156,9 @@ def _assert_cell(text: str, value: float, scale: float = 1.0):
     assert abs(float(text) - value / scale) <= 0.5 * 10 ** -_decimals(text) + 1e-9, (text, value)
 
 
-def test_tables_print_the_json_figures(tiny_bench):
-    work, outputs = tiny_bench
-    stdout, result = outputs[0]
+def _assert_tables_print_the_json(stdout: str, result: dict, not_applicable: tuple[str, ...] = ()):
+    """The printed tables of a one-seed sigmoid + lstm run are its JSON figures; the `not_applicable` columns are
+    None in the JSON and "n/a" in the tables, the others numbers."""
     rows = _table_rows(stdout)
     runs, summary = result["runs"], result["summary"]
     assert [r["head"] for r in runs] == ["sigmoid", "lstm"] and list(summary) == ["sigmoid", "lstm"]
@@ -153,15 +166,28 @@ def test_tables_print_the_json_figures(tiny_bench):
     for printed, run in zip(rows[: len(runs)], runs, strict=True):
         assert printed[:2] == [{"sigmoid": "sigmoid", "lstm": "rnn (lstm)"}[run["head"]], str(run["seed"])]
         for text, (key, _, fmt) in zip(printed[2:], COLUMNS, strict=True):
-            _assert_cell(text, run[key], 1e6 if fmt == "params" else 1.0)
+            if key in not_applicable:
+                assert run[key] is None and text == "n/a", (key, run[key], text)
+            else:
+                _assert_cell(text, run[key], 1e6 if fmt == "params" else 1.0)
     for printed, (head, figures) in zip(rows[len(runs):], summary.items(), strict=True):
         assert printed[1] == "1"
         for text, (key, _, fmt) in zip(printed[2:], COLUMNS, strict=True):
+            if key in not_applicable:
+                assert figures[key] is None and text == "n/a", (key, figures[key], text)
+                continue
             mean, std = text.split(" ± ")
             one = next(r for r in runs if r["head"] == head)
             assert figures[key]["mean"] == one[key] and figures[key]["std"] == 0.0  # one seed: the run's value
             _assert_cell(mean, figures[key]["mean"], 1e6 if fmt == "params" else 1.0)
             assert float(std) == 0.0
+
+
+def test_tables_print_the_json_figures(tiny_bench):
+    work, outputs = tiny_bench
+    stdout, result = outputs[0]
+    _assert_tables_print_the_json(stdout, result)
+    assert "n/a" not in stdout  # the demo's structure figures all apply
     # The tables are also written to the work folder, exactly as printed (by the last call).
     assert (work / "heads.md").read_text().strip() in outputs[-1][0]
 
@@ -221,3 +247,63 @@ def test_second_call_reuses_the_finished_runs_and_scores_them_alike(tiny_bench):
     for a, b in zip(first["runs"], second["runs"], strict=True):
         assert {k: v for k, v in a.items() if k not in (*timing, "reused")} == \
                {k: v for k, v in b.items() if k not in (*timing, "reused")}
+
+
+# --- a tiny --data shapes run, in the demo run's work folder -------------------------------------------------------
+
+STRUCTURE_COLUMNS = ("violation_rate_at_0.5", "violation_rate_at_tuned")
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tiny_bench):
+    work, _ = tiny_bench
+    demo_runs = sorted(p.name for p in (work / "runs").iterdir())
+    demo_table = (work / "heads.md").read_text()
+    outputs = []
+    for call in range(2):  # the second call must reuse the finished shapes runs
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            argv = [*_argv(work, work / f"shapes{call}.json"), "--data", "shapes", "--n-classes", "4"]
+            assert main(argv) == 0
+        outputs.append((buffer.getvalue(), json.loads((work / f"shapes{call}.json").read_text())))
+    return work, outputs, demo_runs, demo_table
+
+
+def test_shapes_run_has_no_structure_columns_and_its_tables_equal_its_json(tiny_shapes):
+    work, outputs, demo_runs, demo_table = tiny_shapes
+    stdout, result = outputs[0]
+    _assert_tables_print_the_json(stdout, result, not_applicable=STRUCTURE_COLUMNS)
+    assert "shapes data (4 independent classes, 128 px)" in stdout  # (96 + 160) // 2
+    assert result["data"]["kind"] == "shapes" and result["config"]["data"] == "shapes"
+    assert result["data"]["truth"]["violation_rate"] is None
+    # The data: tests.datagen's shapes, train and test drawn apart, every image labelled (as on the demo).
+    train, test = mf.read_data_dir(result["data"]["train_dir"]), mf.read_data_dir(result["data"]["test_dir"])
+    assert train.classes == test.classes == result["data"]["classes"] == list(SHAPES)[:4]
+    assert len(train.manifest) == 40 and len(test.manifest) == 16 and len(train.failed) == len(test.failed) == 0
+    assert not set(train.manifest["id"]) & set(test.manifest["id"])
+    assert (train.labels().sum(axis=1) > 0).all() and (test.labels().sum(axis=1) > 0).all()
+    assert set(train.manifest["width"]) == set(train.manifest["height"]) == {128}
+    truth = test.labels()
+    assert result["data"]["truth"]["empty_share"] == 0.0
+    for run in result["runs"]:
+        assert run["true_labels_per_image"] == pytest.approx(truth.sum() / len(truth))
+        assert run["test_images"] == 16 and run["params"] > 0 and run["predict_images_per_second"] > 0
+        assert 0.0 <= run["map"] <= 1.0 and 0.0 <= run["f2_at_tuned"] <= 1.0
+    assert result["runs"][1]["empty_share_at_0.5"] == 0.0  # every training image labelled: no empty set decoded
+    # Its runs and table are under work/shapes; the demo's are where they were, untouched.
+    shapes_cfg = HeadsBenchConfig(backbone=TINY, image_size=48, data="shapes")
+    for run in result["runs"]:
+        assert run["run_dir"] == str(work / "shapes" / "runs" / run_name(shapes_cfg, run["head"], 0))
+    assert sorted(p.name for p in (work / "runs").iterdir()) == demo_runs
+    assert (work / "heads.md").read_text() == demo_table
+    assert (work / "shapes" / "heads.md").read_text().strip() in outputs[-1][0]
+
+
+def test_second_shapes_call_reuses_its_runs(tiny_shapes):
+    _, outputs, _, _ = tiny_shapes
+    first, second = outputs[0][1], outputs[1][1]
+    assert [r["reused"] for r in first["runs"]] == [False, False]
+    assert [r["reused"] for r in second["runs"]] == [True, True]
+    for a, b in zip(first["runs"], second["runs"], strict=True):
+        assert {k: v for k, v in a.items() if k not in ("predict_images_per_second", "reused")} == \
+               {k: v for k, v in b.items() if k not in ("predict_images_per_second", "reused")}
