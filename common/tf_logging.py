@@ -53,11 +53,11 @@ def quiet_tensorflow_startup() -> None:
             import tensorflow  # its start-up lines go to `capture`
 
             tensorflow.config.list_physical_devices("GPU")  # the CUDA probe (needed anyway) logs now, not later
-        finally:
+        finally:  # also when the import fails: what it printed besides the notes is the user's clue
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-        capture.seek(0)
-        captured = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
-    sys.stderr.write("".join(drop_startup_notes(captured)))
-    sys.stderr.flush()
+            capture.seek(0)
+            captured = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(drop_startup_notes(captured)))
+            sys.stderr.flush()

@@ -123,3 +123,24 @@ def test_short_training_run_on_two_replicas_prints_no_startup_notes(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "2 replica(s)" in done.stdout and (run / "model.keras").is_file()
     assert _tf_lines(done.stderr) == [], done.stderr
+
+
+def test_a_failing_tensorflow_import_still_shows_what_it_printed(tmp_path):
+    """The capture never swallows a real error: a TensorFlow whose import prints a line and fails (a stand-in
+    module here) leaves that line and the traceback on stderr, and the start-up note it printed is still dropped."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
+        "os.write(2, b'libcudart.so.12: cannot open shared object file\\n')\n"
+        "raise ImportError('broken TensorFlow install')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
+    code = "from common.tf_logging import quiet_tensorflow_startup; quiet_tensorflow_startup()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("libcudart.so.12: cannot open shared object file\nTraceback")
+    assert result.stderr.rstrip().endswith("ImportError: broken TensorFlow install")
+    assert "absl::InitializeLog" not in result.stderr
