@@ -15,18 +15,20 @@ import numpy as np
 from predict.errors import PredictError
 
 
+def _positive_integer(option: str, n: int) -> int:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise PredictError(f"{option} must be a positive integer, got {n!r}")
+    return int(n)
+
+
 def check_batch_size(n: int) -> int:
     """Validate `--batch-size` (images per model call before TTA): a positive integer; returns it."""
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise PredictError(f"--batch-size must be a positive integer, got {n!r}")
-    return int(n)
+    return _positive_integer("--batch-size", n)
 
 
 def check_beam(n: int) -> int:
     """Validate `--beam` (rnn runs' beam width; 1 is greedy decoding): a positive integer; returns it."""
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise PredictError(f"--beam must be a positive integer, got {n!r}")
-    return int(n)
+    return _positive_integer("--beam", n)
 
 
 def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
