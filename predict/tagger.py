@@ -235,11 +235,14 @@ def tag(config: TagConfig, *, stdin: Iterable[str] | None = None, stdout=None) -
     tagger = Tagger.load(config.runs, tta=config.tta, threshold=config.threshold, top_k=config.top_k,
                          batch_size=config.batch_size)
     results = []
+    stdout = stdout or sys.stdout
     with tqdm(total=len(rows), desc="tag", unit="img", disable=not config.progress, leave=False) as bar:
+        # On a terminal the lines go through tqdm, which clears the bar and redraws it below them.
+        show = bar.write if stdout.isatty() and not bar.disable else lambda line, file: print(line, file=file)
         for result in tagger.iter_results(rows, on_chunk=bar.update):
             results.append(result)
             if fmt == "text":
-                bar.write(format_line(result), file=stdout or sys.stdout)  # clears and redraws the bar around it
+                show(format_line(result), file=stdout)
     summary = TagSummary(results, config.out)
     if config.out is not None and summary.tagged:
         atomic_write_text(config.out, format_results(results, tagger.classes, fmt))
