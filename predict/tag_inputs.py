@@ -29,6 +29,7 @@ from PIL import Image
 
 from crawl.crawler import CrawlConfig
 from crawl.images import ACCEPTED_FORMATS, ImageRejected, process_image
+from predict.errors import PredictError
 from train.rundir import CONFIG_FILE
 
 STDIN = "-"
@@ -37,7 +38,7 @@ MAX_PIXELS = CrawlConfig.max_pixels  # the crawl's default --max-pixels: the sam
 NOT_FOUND, NOT_A_FILE, UNREADABLE, OUTSIDE_FOLDER = "not_found", "not_a_file", "unreadable", "outside_folder"
 
 
-class TagUsageError(ValueError):
+class TagUsageError(PredictError):
     """The command line names no run, no input, or a RUN_DIR among the inputs (exit status 2 with the usage)."""
 
 

@@ -37,7 +37,7 @@ class TagResult:
     index: int
     path: str | None
     tags: tuple[str, ...]
-    probabilities: Mapping[str, float] = field(repr=False)
+    probabilities: Mapping[str, float] = field(repr=False, hash=False)  # hash=False: results stay hashable
     error: str | None = None  # a reason word (README, "predict tag"); None when tagged
     detail: str = ""  # what exactly went wrong, for the error message
 
