@@ -79,7 +79,6 @@ RAW_FILES = {  # file name -> bytes, formats the crawl converts (and one it stor
 }
 
 
-@pytest.mark.slow
 def test_raw_files_tag_exactly_like_their_crawled_copies(tmp_path, http_server, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
