@@ -1,5 +1,5 @@
-"""Command line of the predict stage: `python -m predict submit|evaluate|compare ...` (argparse only; the work is in
-the modules).
+"""Command line of the predict stage: `python -m predict submit|evaluate|compare|export ...` (argparse only; the work
+is in the modules).
 
 Exit status: 0 on success, 2 for bad input (an unusable RUN_DIR or DATA_DIR, missing or unreadable images,
 runs that cannot be ensembled, a bad option), with a message on stderr naming the file or ids.
@@ -19,15 +19,17 @@ quiet_tensorflow_startup()  # before the first TensorFlow import below
 
 from crawl.manifest import DataDirError
 from predict.compare import CompareConfig, compare
+from predict.engines import ENGINES, PRECISIONS, check_engine
 from predict.errors import PredictError
 from predict.evaluate import EvaluateConfig, evaluate, format_report
+from predict.export import EXPORT_FORMATS, ExportConfig, export
 from predict.options import check_batch_size, check_beam, check_choice
 from predict.submission import FORMATS, MISSING_MODES, SubmitConfig, submit
 from predict.thresholds import parse_threshold
 from predict.tta import MAX_TTA, check_tta
 
 EXIT_BAD_INPUT = 2
-Config = SubmitConfig | EvaluateConfig | CompareConfig
+Config = SubmitConfig | EvaluateConfig | CompareConfig | ExportConfig
 
 # The defaults of the command line are the configs' own.
 _SUBMIT = SubmitConfig(runs=(), data=Path("."), out=Path("."))
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"images per model call before TTA (default {defaults.batch_size})")
         p.add_argument("--beam", type=_checked(check_beam, _integer), default=defaults.beam,
                        help=f"rnn runs: decode with a beam of N (default {defaults.beam}: greedy)")
+        p.add_argument("--engine", type=_checked(check_engine), default=defaults.engine,
+                       metavar="{" + ",".join(ENGINES) + "}",
+                       help=f"what runs the model: {', '.join(ENGINES)} (default {defaults.engine}); openvino and onnx "
+                       "export the run once into RUN_DIR/engines/")
+        p.add_argument("--precision", type=_checked(lambda v: check_choice("--precision", v, PRECISIONS)),
+                       default=defaults.precision, metavar="{" + ",".join(PRECISIONS) + "}",
+                       help="f32 (default) or bf16 (--engine openvino on a CPU with bfloat16)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def threshold(p: argparse.ArgumentParser, defaults: SubmitConfig | EvaluateConfig) -> None:
@@ -91,14 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="compare runs: table (Markdown, CSV) and bar chart, sorted by mAP")
     common(c, _COMPARE)
     c.add_argument("--out", type=Path, default=_COMPARE.out, help=f"output folder (default {_COMPARE.out})")
+
+    x = sub.add_parser("export", help="export a run (preprocessing included) for a runtime without this code")
+    x.add_argument("run", type=Path, metavar="RUN_DIR", help="run folder written by python -m train")
+    x.add_argument("--format", required=True, type=_checked(lambda v: check_choice("--format", v, EXPORT_FORMATS)),
+                   metavar="{" + ",".join(EXPORT_FORMATS) + "}", help=f"{', '.join(EXPORT_FORMATS)}")
+    x.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="folder for the model and tagger.json (replaced atomically if it holds an earlier export)")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     """The command line as the config of its command (checked again by the command's `resolve()`)."""
     a = build_parser().parse_args(argv)
+    if a.command == "export":
+        return ExportConfig(run=a.run, format=a.format, out=a.out)
     shared = dict(runs=tuple(a.runs), data=a.data, tta=a.tta, batch_size=a.batch_size, progress=not a.no_progress,
-                  beam=a.beam)
+                  beam=a.beam, engine=a.engine, precision=a.precision)
     if a.command == "submit":
         return SubmitConfig(**shared, out=a.out, threshold=a.threshold, format=a.format, missing=a.missing)
     if a.command == "evaluate":
@@ -115,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate(config)
             print(format_report(report))
             print(f"wrote {config.out}" if config.out else json.dumps({k: report[k] for k in ("map", "f2")}))
+        elif isinstance(config, ExportConfig):
+            print(export(config).summary())
         else:
             result = compare(config)
             print(result.markdown, end="")
