@@ -97,6 +97,7 @@ def predict_run(
     if n == 0:
         return Prediction(probabilities, readable, 0.0, tta)
     size = run.image_size
+    run.prepare()  # an export engine exports or compiles first: outside `seconds`
     if warmup:
         # Both batch shapes this pass will use: a full batch and the last, partial one (a second shape makes
         # the traced function generalise its batch size, which is another trace).

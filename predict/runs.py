@@ -55,6 +55,11 @@ class Run:
             self._scorers["scorer"] = engines.make_scorer(self, self.engine, self.precision, self.model_sha256)
         return self._scorers["scorer"]
 
+    def prepare(self) -> Run:
+        """Build the scorer now (export and compile for openvino/onnx) rather than at the first batch; returns self."""
+        _ = self.scorer
+        return self
+
     @property
     def takes_pixels(self) -> bool:
         """True when the engine's model includes the preprocessing (openvino, onnx): feed it 0..255 pixels."""

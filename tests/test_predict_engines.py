@@ -44,8 +44,11 @@ def rnn_model(image_size: int, n_classes: int = 3, seed: int = 0) -> keras.Model
     x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dense(16, activation="tanh")(x)
-    outputs = decoder_layer(n_classes, DecoderSpec(cell="lstm", units=8, embedding_dim=4, allow_empty=True))(x)
-    return keras.Model(inputs, outputs)
+    decoder = decoder_layer(n_classes, DecoderSpec(cell="lstm", units=8, embedding_dim=4, allow_empty=True))
+    model = keras.Model(inputs, decoder(x))
+    kernel, bias = decoder.init_h.get_weights()
+    decoder.init_h.set_weights([kernel * 8, bias])  # initial states that differ clearly between images
+    return model
 
 
 def make_rnn_run(root, seed: int = 0):
@@ -60,7 +63,7 @@ def make_rnn_run(root, seed: int = 0):
 @pytest.fixture(scope="module")
 def rnn(tmp_path_factory):
     root = tmp_path_factory.mktemp("rnn")
-    run = make_rnn_run(root / "run", seed=4)
+    run = make_rnn_run(root / "run", seed=0)
     pixels = np.random.default_rng(1).integers(0, 256, (8, SIZE, SIZE, 3)).astype(np.float32)
     # Stretch the contrast of half the batch so the decoder sees clearly different features.
     pixels[::2] = np.where(pixels[::2] > 127, 255.0, 0.0)
@@ -72,7 +75,8 @@ def rnn(tmp_path_factory):
 
 def test_rnn_test_model_decodes_different_sets(rnn):
     emitted = {tuple(row) for row in (rnn["keras"] >= 0.5).astype(int)}
-    assert len(emitted) >= 2  # else the exported loop would be checked on one constant answer
+    # Several sets, some of two or three tags: the exported loop runs different numbers of steps per image.
+    assert len(emitted) >= 3 and max(sum(e) for e in emitted) >= 2
 
 
 @pytest.mark.parametrize("fmt", ["saved_model", "onnx", "openvino"])
@@ -82,7 +86,8 @@ def test_rnn_greedy_decoder_exports_to_every_format(rnn, fmt):
     assert tagger["head"]["name"] == "rnn" and tagger["decoder"] == "greedy"
     pixels = rnn["pixels"]
     if fmt == "saved_model":
-        got = tf.saved_model.load(str(out / "saved_model")).serve(tf.constant(pixels)).numpy()
+        loaded = tf.saved_model.load(str(out / "saved_model"))  # kept: its variables live as long as it does
+        got = loaded.serve(tf.constant(pixels)).numpy()
     elif fmt == "onnx":
         import onnxruntime
 
@@ -124,7 +129,7 @@ def world(tmp_path_factory):
     a = make_run_dir(root / "a", detector_model(24, OFF_A, ON_A), thresholds=[0.15, 0.1, 0.6],
                      prevalence=[0.125, 0.5, 0.25])
     b = make_run_dir(root / "b", detector_model(20, OFF_B, ON_B, preprocessing="raw"), preprocessing="raw",
-                     thresholds=[0.25, 0.3, 0.8], prevalence=[0.375, 0.25, 0.75])
+                     thresholds=[0.35, 0.3, 0.8], prevalence=[0.375, 0.25, 0.75])  # tuned: 0.25, 0.2, 0.7
     rng = np.random.default_rng(7)
     labels = {f"t{k}": [int(v) for v in rng.integers(0, 2, 3)] for k in range(12)}
     labelled = make_data_dir(root / "labelled", {i: textured(k) for k, i in enumerate(labels)}, classes=LABELS,
