@@ -2,5 +2,6 @@
 DATA_DIR.
 
 Modules: runs (load a RUN_DIR), tta (the view list), inference (tf.data + one model call per batch, ensembles),
-options (the checks of the options), thresholds, submission, evaluate, compare; `python -m predict` is the command line.
+options (the checks of the options), thresholds, submission, evaluate, compare, export (Keras `Model.export` plus
+tagger.json), engines (keras / openvino / onnx); `python -m predict` is the command line.
 """

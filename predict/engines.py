@@ -37,8 +37,8 @@ PRECISIONS = ("f32", "bf16")
 DEFAULT_ENGINE = "keras"
 DEFAULT_PRECISION = "f32"
 DEVICE = "CPU"  # OpenVINO device
-_OV_PRECISION = {"f32": "f32", "bf16": "bf16"}  # --precision -> INFERENCE_PRECISION_HINT
-_OV_TYPE_NAME = {"f32": "f32", "bf16": "bf16"}  # openvino.Type.get_type_name() of the compiled hint
+# --precision values are OpenVINO's own names: the INFERENCE_PRECISION_HINT to set, and the type name
+# (openvino.Type.get_type_name()) the compiled model must report back.
 
 
 def check_engine(engine: str) -> str:
@@ -110,7 +110,7 @@ class OpenVINOScorer:
         import openvino as ov
 
         check_choice("--precision", precision, PRECISIONS)
-        hint = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision]}
+        hint = {"INFERENCE_PRECISION_HINT": precision}
         self.compiled = ov.Core().compile_model(str(path), DEVICE, hint)
         self.precision = check_compiled_precision(self.compiled, precision)
         self.request = self.compiled.create_infer_request()
@@ -125,7 +125,7 @@ def check_compiled_precision(compiled, precision: str) -> str:
     back silently, to bf16 by default on CPUs that have it and to f32 where a bf16 request cannot be met)."""
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     got = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-    if got != _OV_TYPE_NAME[precision]:
+    if got != precision:
         raise PredictError(
             f"OpenVINO compiled the model with INFERENCE_PRECISION_HINT {got}, not the {precision} asked for "
             f"(--precision {precision})"
