@@ -198,3 +198,57 @@ def test_the_loss_is_recorded_an_old_run_dir_reads_as_bce_and_another_loss_is_re
     rundir.write_config(tmp_path, dataclasses.replace(record, train={**new_train, "loss": "asl"}))
     with pytest.raises(rundir.RunDirError, match=r"asl_clip: 0.05 -> 0.1"):
         run_dir_state(tmp_path, dataclasses.replace(record, train={**new_train, "loss": "asl", "asl_clip": 0.1}))
+
+
+# --- a run -------------------------------------------------------------------------------------------------------
+
+
+def _tiny_cnn(include_top=False, weights=None, input_shape=None):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 1, activation="relu", name="colours")(inputs)
+    return keras.Model(inputs, keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(x),
+                       name="tiny_loss_cnn")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Your input ran out of data")
+@pytest.mark.parametrize(("flags", "reference"), [
+    (("--loss", "asl", "--asl-gamma-neg", "2", "--asl-clip", "0.1"), lambda y, p: asl_reference(y, p, 0, 2, 0.1)),
+    (("--loss", "focal", "--focal-gamma", "1.5"), lambda y, p: focal_reference(y, p, 1.5)),
+])
+def test_a_run_records_its_loss_and_val_loss_is_that_loss_while_val_bce_is_plain_bce(flags, reference, tmp_path,
+                                                                                    monkeypatch):
+    import contextlib
+    import io
+
+    import pandas as pd
+
+    from tests.datagen import make_data_dir
+    from train import backbones as registry
+    from train.fit import train
+
+    monkeypatch.setitem(registry.BACKBONES, "tiny_loss_cnn", registry.Backbone("tiny_loss_cnn", _tiny_cnn,
+                                                                               min_input_size=8))
+    data = make_data_dir(tmp_path / "data", n=16, n_classes=3, seed=2)
+    out = tmp_path / "run"
+    config = parse_args([str(data.root), "--backbone", "tiny_loss_cnn", "--out", str(out), "--image-size", "16",
+                         "--batch-size", "4", "--frozen-epochs", "1", "--epochs", "2", "--unfreeze", "1",
+                         "--weights", "none", "--val-split", "0.25", "--augment", "none", *flags])
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(config, verbose=0)
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert {k: saved[k] for k in ("loss", "focal_gamma", "asl_gamma_pos", "asl_gamma_neg", "asl_clip")} == {
+        k: getattr(config, k) for k in ("loss", "focal_gamma", "asl_gamma_pos", "asl_gamma_neg", "asl_clip")}
+    predictions = pd.read_csv(out / "val_predictions.csv", dtype={"id": str})
+    truth = data.labels[[data.ids.index(i) for i in predictions["id"]]]
+    probs = predictions[data.classes].to_numpy()
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = pd.read_csv(out / "history.csv")
+    best = history[history["epoch"] == metrics["best_epoch"]].iloc[0]
+    assert best["val_loss"] == pytest.approx(reference(truth, probs), rel=1e-4)  # the loss trained on
+    assert metrics["val_bce"] == pytest.approx(binary_crossentropy(truth, probs), rel=1e-12)
+    assert metrics["val_bce"] > best["val_loss"]  # both down-weight easy labels: below plain BCE
+    # Resuming the finished run with another loss is refused like any other changed setting.
+    other = dataclasses.replace(config, loss="bce", focal_gamma=2.0, asl_gamma_neg=4.0, asl_clip=0.05)
+    with pytest.raises(rundir.RunDirError, match=f"loss: '{config.loss}' -> 'bce'"):
+        train(other, verbose=0)
