@@ -89,14 +89,17 @@ def test_raw_preprocessing_passes_the_decoded_pixels_unchanged(tmp_path):
 
 
 def _reference_without_preprocessing(name: str, model: keras.Model) -> keras.Model:
-    """The same architecture without its preprocessing layers, carrying `model`'s weights (matched by layer name)."""
+    """The same architecture without its preprocessing layers, carrying `model`'s weights (layer for layer, in order:
+    an auto-named layer such as ConvNeXt's last LayerNormalization gets another name in a second model)."""
     constructor = MODERN[name][0]
     bare = constructor(include_top=False, weights=None, input_shape=model.input_shape[1:],
                        include_preprocessing=False)
-    weights = {layer.name: layer.get_weights() for layer in model.layers}
-    for layer in bare.layers:
-        if layer.weights:
-            layer.set_weights(weights[layer.name])
+    preprocessing = (keras.layers.Rescaling, keras.layers.Normalization)
+    source = [layer for layer in model.layers if layer.weights and not isinstance(layer, preprocessing)]
+    target = [layer for layer in bare.layers if layer.weights]
+    for src, dst in zip(source, target, strict=True):
+        assert type(src) is type(dst)
+        dst.set_weights(src.get_weights())
     return bare
 
 
