@@ -78,7 +78,8 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def launch(config: LaunchConfig, *, python: str = sys.executable, stdout=None, stderr=None) -> int:
+def launch(config: LaunchConfig, *, python: str = sys.executable, stdout=None, stderr=None,
+           grace_seconds: float = GRACE_SECONDS) -> int:
     """Run the workers to the end (see the module docstring); returns the exit status."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     if config.workers < 1:
@@ -102,7 +103,7 @@ def launch(config: LaunchConfig, *, python: str = sys.executable, stdout=None, s
                 thread = threading.Thread(target=_forward, args=(stream, f"[worker {k}] ", sink), daemon=True)
                 thread.start()
                 threads.append(thread)
-        status = _supervise(procs, interrupted, config.workers)
+        status = _supervise(procs, interrupted, config.workers, grace_seconds)
     finally:
         signal.signal(signal.SIGINT, previous)
         for proc in procs:
@@ -114,7 +115,7 @@ def launch(config: LaunchConfig, *, python: str = sys.executable, stdout=None, s
     return status
 
 
-def _supervise(procs: list[subprocess.Popen], interrupted: threading.Event, expected: int) -> int:
+def _supervise(procs: list[subprocess.Popen], interrupted: threading.Event, expected: int, grace: float) -> int:
     """Wait for the workers; on a failure or Ctrl-C end the others. Returns the exit status."""
     status: int | None = None
     deadline = None
@@ -124,12 +125,12 @@ def _supervise(procs: list[subprocess.Popen], interrupted: threading.Event, expe
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + GRACE_SECONDS
+            deadline = time.monotonic() + grace
         codes = [proc.poll() for proc in procs]
         failed = [c for c in codes if c not in (None, 0)]
         if failed and status is None:
             status = _exit_status(failed[0])
-            deadline = time.monotonic() + GRACE_SECONDS
+            deadline = time.monotonic() + grace
         if all(c is not None for c in codes) and (len(procs) == expected or status is not None):
             return status if status is not None else 0
         if deadline is not None and time.monotonic() > deadline:
