@@ -461,7 +461,7 @@ def main_worker(config: TrainConfig, cluster: Cluster) -> int:
     code = 1
     try:
         strategy = make_multiworker_strategy(cluster, config.devices)
-        print(f"worker {cluster.rank} of {cluster.size} ({cluster.task_type} {cluster.task_index}): "
+        print(f"worker {cluster.rank} of {cluster.size} ({cluster.task_type} {cluster.task_index}, pid {os.getpid()}): "
               f"{strategy.num_replicas_in_sync} replica(s) in all", flush=True)
         train_worker(config, cluster, strategy)
         code = 0
@@ -471,8 +471,7 @@ def main_worker(config: TrainConfig, cluster: Cluster) -> int:
     except fit.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         code = 1
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-            tf.errors.CancelledError, tf.errors.InternalError) as err:
+    except tf.errors.OpError as err:  # a collective aborted: UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, ...
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: worker {cluster.rank}: the cluster failed ({first_line}); another worker probably died. "
               "Run the same command on every worker again to resume from the last finished epoch", file=sys.stderr)
