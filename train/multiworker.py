@@ -77,13 +77,6 @@ class Cluster:
     def is_chief(self) -> bool:
         return self.rank == 0
 
-    def tf_config(self) -> str:
-        """The TF_CONFIG value of this task (also how the launcher writes it)."""
-        jobs = {"worker": list(self.addresses)} if self.task_type == "worker" and self.rank == self.task_index else None
-        if jobs is None:
-            raise ClusterError("only clusters of workers can be written back")
-        return json.dumps({"cluster": jobs, "task": {"type": self.task_type, "index": self.task_index}})
-
 
 def read_cluster(environ: Mapping[str, str] = os.environ) -> Cluster | None:
     """The cluster TF_CONFIG describes, or None when it is unset or names a single task (single-process training).
@@ -420,7 +413,7 @@ def train_worker(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.
     try:
         cfg, facts = _prepare(config, strategy)
         error = None
-    except (ConfigError, DataDirError) as err:
+    except (ConfigError, DataDirError, OSError) as err:  # reported to every worker, so that all of them stop
         cfg, facts, error = None, {"error": str(err)}, err
     check_agreement(strategy, cluster, facts)
     if error is not None:  # pragma: no cover - check_agreement raised already
