@@ -228,11 +228,12 @@ def test_mirrored_predict_fails_when_a_replica_gets_no_image_of_the_last_batch(t
     a 0-row dummy). Whether predict then fails depends on one thing only, TensorFlow's oneDNN CPU kernels, not on
     timing, load or tf.data options: oneDNN's Conv2D returns a 0-row batch unchanged (shape [0, 8, 8, 3] instead of
     [0, 6, 6, 4]), so the next layer fails with InvalidArgumentError "Incompatible shapes". TensorFlow 2.21 turns
-    oneDNN on by default only on x86 CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX (most recent Intel Xeons;
-    the machine of the run that added this test printed "oneDNN custom operations are on", tests/test_cli.py), and
-    TF_ENABLE_ONEDNN_OPTS=1/0 overrides that. Without oneDNN (an AMD EPYC by default) the same predict returns 9
-    rows. So the pin forces oneDNN on and uses the evaluation batches as make_dataset builds them (pipeline_options
-    included): it fails as soon as TensorFlow predicts such a batch, and the padding may then be removable.
+    oneDNN on by default only on x86 CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX (recent Intel Xeons; also
+    Arm Neoverse V1; the machine of the run that added this test printed "oneDNN custom operations are on",
+    tests/test_cli.py), and TF_ENABLE_ONEDNN_OPTS=1/0 overrides that. Without oneDNN (an AMD EPYC by default) the
+    same predict returns 9 rows. So the pin forces oneDNN on and uses the evaluation batches as make_dataset builds
+    them (pipeline_options included): it fails as soon as TensorFlow predicts such a batch, and the padding may then
+    be removable.
     """
     import os
     import subprocess
