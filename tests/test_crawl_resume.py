@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from crawl import manifest as mf
 from crawl.crawler import LOCK_FILE, CrawlBusy, CrawlConfig, crawl
 from tests import crawl_samples as samples
 from tests.http_server import gated, sequence, stall, static, status
@@ -177,10 +178,9 @@ def _stored_files(out_dir: Path) -> int:
     return len([p for p in images.iterdir() if not p.name.startswith(".")]) if images.is_dir() else 0
 
 
-def _manifest_rows(out_dir: Path) -> int:
-    """Rows of manifest.csv, 0 before its first write (it is replaced atomically, never seen half written)."""
-    path = out_dir / "manifest.csv"
-    return len(pd.read_csv(path)) if path.exists() else 0
+def _rows_on_record(out_dir: Path) -> int:
+    """Stored rows on record (manifest.csv and the journal a running crawl appends to), 0 before the first."""
+    return len(mf.read_stored_rows(out_dir))
 
 
 def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, http_server):
@@ -198,7 +198,7 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, h
         process = _start_crawl(list_path, out, "--checkpoint-every", checkpoint, "--timeout", "60")
         _wait_until(lambda count=kill_after: _stored_files(out) >= count, process, f"{kill_after} stored files")
         if checkpoint == "0.05":
-            _wait_until(lambda: _manifest_rows(out) >= 4, process, "4 manifest rows on record before the kill")
+            _wait_until(lambda: _rows_on_record(out) >= 4, process, "4 rows on record before the kill")
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=HANG_LIMIT) == -signal.SIGKILL
         process.communicate()
