@@ -7,8 +7,10 @@ added latency. In one run, alternating, each repeat times three commands end to 
 - img2dataset with W threads in one process, writing files without resizing or re-encoding (`--resize_mode no
   --skip_reencode True`: it still decodes each image), from its own venv (`make install-bench` makes
   .venv-img2dataset: it pins other pandas and OpenCV versions than this project);
-- `python -m crawl` and img2dataset on a one-image list: each one's start-up (interpreter, imports, list, output
-  writes; img2dataset also starts a worker process), less the one latency it waits for.
+Each command's start-up comes from the same run: the crawl's is its wall time less the `seconds` its crawl.json
+reports (the download phase: workers, storing, the final manifest), so it is the interpreter, the imports, the list
+validation and list.csv; img2dataset's is its wall time less count / rate of its own "total" line (it imports
+pyarrow, albumentations..., and starts a worker process).
 
 The latency floor is N x latency / W: what W connections cannot beat however little CPU they use. Reported per
 repeat and as medians: (crawl - start-up) / floor (target <= 1.3) and img2dataset / crawl (target >= 1.8), the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,6 +41,7 @@ import pandas as pd
 
 from bench.crawl import REPO, ImageServer
 from common.synthetic import jpeg_bytes, photo, photo_sizes, with_jpeg_comment
+from crawl import manifest as mf
 from crawl.crawler import CrawlConfig, crawl
 
 IMG2DATASET = REPO / ".venv-img2dataset" / "bin" / "img2dataset"
@@ -74,10 +78,23 @@ def _serve(work: Path, images: list[bytes]) -> list[str]:
     return names
 
 
-def _timed(command: list[str], **kwargs) -> float:
+def _timed(command: list[str], **kwargs) -> tuple[float, str]:
+    """Wall seconds of a command, and its standard output."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
-    return time.perf_counter() - start
+    done = subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
+    return time.perf_counter() - start, done.stdout
+
+
+_PEER_TOTAL = re.compile(r"^total\b.*images per sec: ([0-9.]+) - count: (\d+)", re.MULTILINE)
+
+
+def _peer_download_seconds(stdout: str) -> float:
+    """img2dataset's download phase, from its last "total - ... images per sec: R - count: N" line."""
+    found = _PEER_TOTAL.findall(stdout)
+    if not found:
+        raise RuntimeError(f"no 'total' line in img2dataset's output:\n{stdout[-2000:]}")
+    rate, count = found[-1]
+    return int(count) / float(rate)
 
 
 def _crawl_command(list_path: Path, out_dir: Path, workers: int) -> list[str]:
@@ -107,20 +124,18 @@ def compare(config: PeerBenchConfig) -> dict:
         server = ImageServer(work / "served", config.latency)
         try:
             urls = [server.url(name) for name in names]
-            list_path, one_path, url_file = work / "list.csv", work / "one.csv", work / "urls.txt"
+            list_path, url_file = work / "list.csv", work / "urls.txt"
             pd.DataFrame({"id": [n[:-4] for n in names], "url": urls}).to_csv(list_path, index=False)
-            pd.DataFrame({"id": ["one"], "url": urls[:1]}).to_csv(one_path, index=False)
             url_file.write_text("".join(f"{u}\n" for u in urls))
-            one_url = work / "one.txt"
-            one_url.write_text(f"{urls[0]}\n")
             runs = []
             for repeat in range(config.repeats):
-                out, peer_out, one_out = work / f"crawl{repeat}", work / f"peer{repeat}", work / f"one{repeat}"
-                crawl_seconds = _timed(_crawl_command(list_path, out, config.workers), cwd=REPO, env=env)
-                peer_seconds = _timed(_img2dataset_command(url_file, peer_out, config), cwd=work, env=peer_env)
-                startup = _timed(_crawl_command(one_path, one_out, 1), cwd=REPO, env=env) - config.latency
-                peer_startup = _timed(_img2dataset_command(one_url, work / f"peer-one{repeat}", config), cwd=work,
-                                      env=peer_env) - config.latency
+                out, peer_out = work / f"crawl{repeat}", work / f"peer{repeat}"
+                crawl_seconds, _ = _timed(_crawl_command(list_path, out, config.workers), cwd=REPO, env=env)
+                startup = crawl_seconds - mf.read_summary(out)["seconds"]
+                peer_seconds, peer_stdout = _timed(
+                    _img2dataset_command(url_file, peer_out, config), cwd=work, env=peer_env
+                )
+                peer_startup = peer_seconds - _peer_download_seconds(peer_stdout)
                 runs.append(
                     {
                         "crawl_seconds": round(crawl_seconds, 3),
@@ -131,7 +146,7 @@ def compare(config: PeerBenchConfig) -> dict:
                         "img2dataset_stored": len(list(peer_out.rglob("*.jpg"))),
                     }
                 )
-                for folder in (out, peer_out, one_out, work / f"peer-one{repeat}"):
+                for folder in (out, peer_out):
                     shutil.rmtree(folder, ignore_errors=True)
         finally:
             server.close()
@@ -163,7 +178,8 @@ def print_comparison(result: dict) -> None:
     print(
         f"crawl vs img2dataset 1.47.0: {result['images']} photos of {result['mean_kb']:.0f} KB, "
         f"{result['latency_ms']:.0f} ms added latency, {result['workers']} workers/threads, {os.cpu_count()} CPU(s); "
-        f"floor = {result['images']} x {result['latency_ms']:.0f} ms / {result['workers']} = {result['floor_seconds']} s"
+        f"floor = {result['images']} x {result['latency_ms']:.0f} ms / {result['workers']} "
+        f"= {result['floor_seconds']} s"
     )
     header = (
         f"{'run':>4} {'crawl s':>8} {'start-up':>9} {'img2dataset s':>14} {'start-up':>9} "
