@@ -68,7 +68,9 @@ class CrawlConfig:
     out_dir: Path
     classes_path: Path | None = None
     root: Path | None = None  # list rows that are not http(s) are paths under this folder
-    workers: int = 32
+    # 128: against hosts 100-300 ms away, 64 workers reached 63-84% of their latency floor and 128 up to 34% more
+    # images/s (at 200-300 ms); 256 gained nothing on 2 cores (BENCHMARKS.md, `python -m bench.crawl_peer --sweep`).
+    workers: int = 128
     timeout: float = 10.0
     deadline: float | None = None  # None: three times `timeout`
     retries: int = 3
