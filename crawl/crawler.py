@@ -461,12 +461,9 @@ class _Crawl:
         if missing and status == "interrupted":
             failed["interrupted"] += missing
         seconds = time.monotonic() - self.started
-        # Running checkpoints list the groups as found (cheap); the final summary puts them in list order.
-        duplicates = (
-            [list(ids) for ids in self.duplicates_by_hash.values()]
-            if status == "running"
-            else self._duplicates_in_list_order()
-        )
+        # A running checkpoint counts the groups; listing them would cost as much as the ids they hold, so only the
+        # final summary lists them (in list order). Running summaries have "duplicates": null.
+        duplicates = None if status == "running" else self._duplicates_in_list_order()
         cfg = self.config
         settings = {
             "workers": cfg.workers,
@@ -495,7 +492,7 @@ class _Crawl:
             "downloaded_bytes": self.n_fetched_bytes,
             "seconds": round(seconds, 3),
             "images_per_second": round(self.n_fetched / seconds, 2) if seconds > 0 else 0.0,
-            "duplicate_groups": len(duplicates),
+            "duplicate_groups": len(self.duplicates_by_hash),
             "duplicates": duplicates,
             "settings": settings,
             "started": self.started_wall.isoformat(timespec="seconds"),
