@@ -583,8 +583,11 @@ class _Crawl:
         print(format_summary(summary, self.out_dir), flush=True)
 
 
+_MAX_BATCH = 1000  # results per wake-up at most: checkpoints keep their pace when workers outrun the main thread
+
+
 def _take_all(results: queue.Queue, timeout: float) -> list:
-    """Wait up to `timeout` for one result, then take every other one already there without waiting.
+    """Wait up to `timeout` for one result, then take the others already there (up to _MAX_BATCH) without waiting.
 
     One wait per batch, not per result: each wait gives up the GIL, and getting it back behind dozens of busy
     workers can take a switch interval (5 ms), which capped the main thread at a few hundred results a second.
@@ -594,10 +597,11 @@ def _take_all(results: queue.Queue, timeout: float) -> list:
     except queue.Empty:
         return []
     try:
-        while True:
+        while len(batch) < _MAX_BATCH:
             batch.append(results.get_nowait())
     except queue.Empty:
-        return batch
+        pass
+    return batch
 
 
 def format_summary(summary: dict, out_dir: str | Path) -> str:
