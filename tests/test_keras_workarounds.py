@@ -226,3 +226,31 @@ def test_mirrored_predict_fails_when_a_replica_gets_no_image_of_the_last_batch()
         f"{lines[1]!r}: TensorFlow now predicts a last batch smaller than the replica count; the padding in "
         "train.data.make_dataset (pad_to_multiple) may be removable"
     )
+
+
+def test_an_unknown_length_epoch_advances_the_optimizer_step_once_more_than_it_trains():
+    from train.keras_workarounds import EpochAlignedSteps
+
+    class Steps(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.batches, self.at_epoch_end = 0, []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.at_epoch_end.append(int(self.model.optimizer.iterations.numpy()))
+
+    # A filter makes the length unknown, as skipped files do in training: 10 rows make 2 full batches of 4.
+    dataset = tf.data.Dataset.from_tensor_slices((X, Y)).filter(lambda x, y: True).batch(4, drop_remainder=True)
+    plain, steps = _model(), Steps()
+    plain.fit(dataset, epochs=2, verbose=0, callbacks=[steps])
+    assert steps.batches == 4
+    assert steps.at_epoch_end == [3, 6], (
+        "fit() no longer advances optimizer.iterations past an unknown-length epoch's last batch: "
+        "train.keras_workarounds.EpochAlignedSteps may be removable"
+    )
+    aligned, steps = _model(), Steps()
+    aligned.fit(dataset, epochs=2, verbose=0, callbacks=[EpochAlignedSteps(2), steps])
+    assert steps.at_epoch_end == [2, 4]

@@ -43,3 +43,27 @@ def correct_epoch_loss(logs: dict, running_mean: float) -> None:
     Done in the first callback, so later ones (TensorBoard, the progress bar) see the corrected logs.
     """
     logs["loss"] = running_mean
+
+
+class EpochAlignedSteps(keras.callbacks.Callback):
+    """Hold the optimizer's step counter at `epoch * steps_per_epoch` when each epoch starts and ends.
+
+    With a dataset of unknown length (ours: skipped files make it so), fit() ends every epoch with one more call of
+    its train function that finds no batch, and that call still advances `optimizer.iterations`: the counter gains
+    a step per epoch in which nothing trained. A learning-rate schedule of the step (the scratch recipe's) would
+    drift a step per epoch and reach its end early. Listed before the callback that records the epoch's learning
+    rate, so that reads the schedule at the epoch's nominal last step.
+    """
+
+    def __init__(self, steps_per_epoch: int):
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+
+    def _align(self, step: int) -> None:
+        self.model.optimizer.iterations.assign(step)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._align(epoch * self.steps_per_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._align((epoch + 1) * self.steps_per_epoch)

@@ -9,6 +9,9 @@ A RUN_DIR is what `python -m train` leaves and `python -m predict` needs (docs/C
 - ``model.keras``: the best epoch's model, without optimizer;
 - ``metrics.json``, ``val_predictions.csv`` (id + one probability per class), ``curves.png``: the final record;
 - ``logs/`` (TensorBoard) and, while a run is unfinished, ``backup/`` (BackupAndRestore folders, progress.json).
+
+The k-fold folder (one such RUN_DIR per fold, with the out-of-fold predictions and their summary) is this format's
+sibling, owned by train/kfold_dir.py.
 """
 
 from __future__ import annotations
