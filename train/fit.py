@@ -37,7 +37,7 @@ from train.config import ConfigError, TrainConfig
 from train.data import make_dataset
 from train.devices import has_gpu, make_strategy
 from train.epoch_monitor import EpochMonitor
-from train.keras_workarounds import EpochAlignedSteps, clear_restored_epoch
+from train.keras_workarounds import EpochAlignedSteps, ReconcileReplicaStatistics, clear_restored_epoch
 from train.metrics import f2_samples, mean_average_precision, per_class_average_precision, tune_thresholds
 from train.model import build_model, estimate_batchnorm_statistics, freeze_backbone, train_every_layer, unfreeze_top
 from train.plots import plot_curves
@@ -238,7 +238,7 @@ def _fit_scratch(run: TrainingRun, model: keras.Model, backbone: keras.Model,
     train_every_layer(backbone)
     schedule = warmup_cosine(cfg.lr, cfg.epochs, cfg.warmup_epochs, len(run.split.train_paths), cfg.batch_size)
     _fit_stage(run, model, stage=1, lr=schedule.keras_schedule(), first=0, last=cfg.epochs, extra=extra,
-               ahead=[EpochAlignedSteps(schedule.steps_per_epoch)])
+               ahead=[EpochAlignedSteps(schedule.steps_per_epoch), ReconcileReplicaStatistics()])
 
 
 def _check_split(cfg: TrainConfig, split: Split) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 SEED_STATE_SUFFIX = "seed_generator_state"  # the path ending of a SeedGenerator's state variable
 _COUNTER_SHIFT = 20  # an epoch's dropout counter starts at epoch * 2**20: room for a million steps per epoch
@@ -67,3 +68,40 @@ class EpochAlignedSteps(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._align((epoch + 1) * self.steps_per_epoch)
+
+
+def _batchnorm_layers(layer: keras.layers.Layer):
+    if isinstance(layer, keras.layers.BatchNormalization):
+        yield layer
+    for sub in getattr(layer, "layers", []) or []:
+        yield from _batchnorm_layers(sub)
+
+
+def reconcile_replica_statistics(model: keras.Model) -> int:
+    """Set each BatchNormalization moving statistic's per-replica copies to their mean; returns how many were.
+
+    Under MirroredStrategy a BatchNormalization in training mode updates its moving statistics on every replica from
+    that replica's share of the batch, in a MirroredVariable with aggregation NONE: the copies drift apart and are
+    never reconciled, predict() normalises each replica's images with that replica's copy, and a saved or backed-up
+    model holds the first replica's. The mean of the copies is the moving mean of the global batches' means (the
+    moving average is linear; the shares are equal), and makes validation, model.keras and a resumed run agree.
+    One replica: nothing to do.
+    """
+    reconciled = 0
+    for layer in _batchnorm_layers(model):
+        for variable in (layer.moving_mean, layer.moving_variance):
+            copies = getattr(variable.value, "values", None)  # a MirroredVariable's per-replica variables
+            if not copies or len(copies) < 2:
+                continue
+            mean = tf.add_n([tf.convert_to_tensor(c) for c in copies]) / len(copies)
+            for copy in copies:
+                copy.assign(mean)
+            reconciled += 1
+    return reconciled
+
+
+class ReconcileReplicaStatistics(keras.callbacks.Callback):
+    """`reconcile_replica_statistics` at each epoch's end, before the epoch is validated, saved and backed up."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        reconcile_replica_statistics(self.model)
