@@ -31,6 +31,11 @@ def check_beam(n: int) -> int:
     return _positive_integer("--beam", n)
 
 
+def check_top_k(n: int) -> int:
+    """Validate `--top-k` (at most this many tags per image, the most probable): a positive integer; returns it."""
+    return _positive_integer("--top-k", n)
+
+
 def check_choice(option: str, value: str, choices: Sequence[str]) -> str:
     """Validate an option with a fixed set of values (`--format`, `--missing`); returns the value."""
     if value not in choices:

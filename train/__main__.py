@@ -17,7 +17,16 @@ from common.tf_logging import quiet_tensorflow_startup
 
 quiet_tensorflow_startup()  # before the first TensorFlow import below
 
-from train.config import DEFAULT_WARMUP_EPOCHS, HEADS, LABEL_ORDERS, RECIPES, RNN_CELLS, TRANSFER_DEFAULTS, TrainConfig
+from train.config import (
+    DEFAULT_WARMUP_EPOCHS,
+    HEADS,
+    LABEL_ORDERS,
+    LOSSES,
+    RECIPES,
+    RNN_CELLS,
+    TRANSFER_DEFAULTS,
+    TrainConfig,
+)
 
 _DEFAULTS = TrainConfig(data_dir=Path("."), backbone="", out=Path("."))
 
@@ -76,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--folds", type=int, metavar="K",
                    help="k-fold: K stratified folds, each a RUN_DIR under --out (excludes --val and --val-split)")
     p.add_argument("--fold", type=int, metavar="I", help="k-fold: train only fold I (0..K-1); default all in order")
+    _add_loss_arguments(p)
     a = p.parse_args(argv)
     return TrainConfig(
         data_dir=a.data_dir, backbone=a.backbone, out=a.out, val=a.val, val_split=a.val_split,
@@ -85,11 +95,45 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         cache=a.cache, seed=a.seed, head=a.head, rnn_cell=a.rnn_cell, rnn_units=a.rnn_units,
         label_embedding=a.label_embedding, label_order=a.label_order, recipe=a.recipe,
         warmup_epochs=a.warmup_epochs, folds=a.folds, fold=a.fold,
+        **_loss_settings(a),
     )
+
+
+def _add_loss_arguments(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    p.add_argument("--loss", default=d.loss, choices=LOSSES,
+                   help="the sigmoid head's loss: bce (default), focal (Keras's BinaryFocalCrossentropy) or asl "
+                        "(asymmetric loss, Ridnik et al. 2021); the rnn head has its own sequence loss")
+    p.add_argument("--focal-gamma", type=float, default=d.focal_gamma,
+                   help=f"--loss focal: focusing parameter (default {d.focal_gamma})")
+    p.add_argument("--asl-gamma-pos", type=float, default=d.asl_gamma_pos,
+                   help=f"--loss asl: focusing parameter of positives (default {d.asl_gamma_pos})")
+    p.add_argument("--asl-gamma-neg", type=float, default=d.asl_gamma_neg,
+                   help=f"--loss asl: focusing parameter of negatives (default {d.asl_gamma_neg})")
+    p.add_argument("--asl-clip", type=float, default=d.asl_clip,
+                   help=f"--loss asl: probability margin m; negatives with p < m cost nothing (default {d.asl_clip})")
+
+
+def _loss_settings(a: argparse.Namespace) -> dict:
+    return {"loss": a.loss, "focal_gamma": a.focal_gamma, "asl_gamma_pos": a.asl_gamma_pos,
+            "asl_gamma_neg": a.asl_gamma_neg, "asl_clip": a.asl_clip}
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    from train.multiworker import ClusterError, main_worker, read_cluster
+
+    try:
+        cluster = read_cluster()  # TF_CONFIG naming more than one task: multi-worker training
+    except ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cluster is not None and config.folds is not None:
+        print("error: --folds is not supported under a multi-worker TF_CONFIG; train the folds one per machine "
+              "without TF_CONFIG (--folds K --fold I), the last one writes the out-of-fold summary", file=sys.stderr)
+        return 2
+    if cluster is not None:
+        return main_worker(config, cluster)
     # Logical CPU devices must exist before TensorFlow starts its runtime: set them up before anything else.
     from train.devices import DeviceError, make_strategy
 

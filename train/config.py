@@ -8,6 +8,7 @@ from pathlib import Path
 
 from train.backbones import get_backbone
 from train.data import DEFAULT_AUGMENT, parse_augment
+from train.losses import ASL_CLIP, ASL_GAMMA_NEG, ASL_GAMMA_POS, FOCAL_GAMMA, LOSSES
 from train.rnn_head import CELLS as RNN_CELLS
 from train.rnn_head import LABEL_ORDERS
 
@@ -60,6 +61,11 @@ class TrainConfig:
     warmup_epochs: int | None = None  # scratch only: DEFAULT_WARMUP_EPOCHS
     folds: int | None = None  # k-fold: the number of folds; each fold is a RUN_DIR fold_<i> under `out`
     fold: int | None = None  # k-fold: the one fold to train (None: all, in order); set in each fold's own config
+    loss: str = "bce"  # the sigmoid head's loss: bce, focal or asl (train.losses); the rnn head has its own
+    focal_gamma: float = FOCAL_GAMMA  # --loss focal only, as the asl settings below are --loss asl only
+    asl_gamma_pos: float = ASL_GAMMA_POS
+    asl_gamma_neg: float = ASL_GAMMA_NEG
+    asl_clip: float = ASL_CLIP
 
     def resolve(self) -> TrainConfig:
         """A copy with defaults filled from the backbone and every setting checked; raises ConfigError."""
@@ -100,6 +106,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._check_loss()
         weights = recipe.weights
         if weights not in ("imagenet", "none"):
             path = Path(weights).expanduser()
@@ -172,6 +179,34 @@ class TrainConfig:
             )
         warmup = min(DEFAULT_WARMUP_EPOCHS, self.epochs - 1) if self.warmup_epochs is None else self.warmup_epochs
         return _RecipeSettings(weights=weights, warmup_epochs=warmup)
+
+    def _check_loss(self) -> None:
+        """--loss and its settings: ranges, and each setting only with its own loss (so config.json's other values
+        stay at their defaults and mean nothing), and no focal/asl for the rnn head, which has its sequence loss."""
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.head == "rnn" and self.loss != "bce":
+            raise ConfigError(
+                f"--loss {self.loss} applies to the sigmoid head; the rnn head trains on its own sequence loss "
+                "(cross-entropy of the next tag), so leave --loss at bce with --head rnn"
+            )
+        own = {"focal_gamma": "focal", "asl_gamma_pos": "asl", "asl_gamma_neg": "asl", "asl_clip": "asl"}
+        defaults = {"focal_gamma": FOCAL_GAMMA, "asl_gamma_pos": ASL_GAMMA_POS, "asl_gamma_neg": ASL_GAMMA_NEG,
+                    "asl_clip": ASL_CLIP}
+        for key, loss in own.items():
+            value = getattr(self, key)
+            flag = "--" + key.replace("_", "-")
+            if value != defaults[key] and self.loss != loss:
+                raise ConfigError(f"{flag} applies to --loss {loss} only (this run has --loss {self.loss})")
+            low_ok = value >= 0.0 and (key != "asl_clip" or value < 1.0)
+            if not low_ok:
+                bound = "in [0, 1)" if key == "asl_clip" else "non-negative"
+                raise ConfigError(f"{flag} must be {bound}, got {value}")
+
+    def loss_settings(self) -> dict:
+        """The settings of this run's loss, as train.losses.training_loss/validation_loss take them."""
+        return {"focal_gamma": self.focal_gamma, "asl_gamma_pos": self.asl_gamma_pos,
+                "asl_gamma_neg": self.asl_gamma_neg, "asl_clip": self.asl_clip}
 
     def to_json(self) -> dict:
         """The settings as JSON values (paths as strings, augment as a list)."""

@@ -38,7 +38,14 @@ from train.data import make_dataset
 from train.devices import has_gpu, make_strategy
 from train.epoch_monitor import EpochMonitor
 from train.keras_workarounds import EpochAlignedSteps, ReconcileReplicaStatistics, clear_restored_epoch
-from train.metrics import f2_samples, mean_average_precision, per_class_average_precision, tune_thresholds
+from train.losses import training_loss
+from train.metrics import (
+    binary_crossentropy,
+    f2_samples,
+    mean_average_precision,
+    per_class_average_precision,
+    tune_thresholds,
+)
 from train.model import build_model, estimate_batchnorm_statistics, freeze_backbone, train_every_layer, unfreeze_top
 from train.plots import plot_curves
 from train.rnn_head import CLIPNORM, DecoderSpec, class_order, sequence_loss, training_model
@@ -150,7 +157,8 @@ def _fit_stage(run: TrainingRun, model: keras.Model, stage: int,
         if run.cfg.head == "rnn":  # the training model's logits over the label sequences, gradients clipped
             model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr, clipnorm=CLIPNORM), loss=sequence_loss())
         else:
-            model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=keras.losses.BinaryCrossentropy())
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
+                          loss=training_loss(run.cfg.loss, **run.cfg.loss_settings()))
     clear_restored_epoch(model)  # a previous stage's restored epoch must not leak into this stage's fit()
     callbacks = [
         *ahead,
@@ -187,6 +195,7 @@ def _finalize(run: TrainingRun, params: int) -> TrainResult:
         "f2_at_0.5": f2_samples(truth, probs >= 0.5),
         "thresholds": {c: float(t) for c, t in zip(split.classes, thresholds, strict=True)},
         "f2_at_tuned": f2_samples(truth, probs >= thresholds),
+        "val_bce": binary_crossentropy(truth, probs),  # plain BCE whatever the loss: runs compare on it
         "epochs_trained": int(history["epoch"].max()) if len(history) else 0,
         "train_seconds": round(float(history["seconds"].sum()), 3),
         "params": int(params),
@@ -310,11 +319,13 @@ def train(
     verbose: int | str = "auto",
     callbacks: Sequence[keras.callbacks.Callback] = (),
     strategy: tf.distribute.Strategy | None = None,
+    run_factory: type[TrainingRun] = TrainingRun,
 ) -> TrainResult:
     """Train `config.backbone` on `config.data_dir` into `config.out` (see the module docstring).
 
     `verbose` is Keras's progress setting ("auto": a progress bar on a terminal, one line per epoch otherwise).
     `callbacks` are extra Keras callbacks for both stages. `strategy` defaults to `make_strategy(config.devices)`.
+    `run_factory` makes the run's shared state (train.multiworker passes its per-worker kind).
     Raises ConfigError (bad settings or RUN_DIR), DataDirError, WeightsError, TrainingDiverged.
     """
     cfg = config.resolve()
@@ -340,7 +351,7 @@ def train(
 
     with _precision(cfg):
         keras.utils.set_random_seed(cfg.seed)
-        run = TrainingRun(cfg, split, strategy, verbose)
+        run = run_factory(cfg, split, strategy, verbose)
         with strategy.scope():
             model, backbone = build_model(run.backbone, len(split.classes), image_size=cfg.image_size,
                                           weights=cfg.weights, dropout=cfg.dropout, l2=cfg.l2,
