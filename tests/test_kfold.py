@@ -234,3 +234,22 @@ def test_an_unfinished_k_fold_folder_is_refused_naming_what_is_missing(kfold, tm
     (kfold_dir.fold_dir(folder, 1) / "backup").mkdir()  # fold 1 still resumable: not finished
     with pytest.raises(PredictError, match=r"not found; .*\(unfinished: fold_1\)"):
         load_run(folder)
+
+
+def test_a_k_fold_folder_is_refused_by_the_export_engines_and_export(kfold, tmp_path):
+    from predict.export import export_run
+
+    with pytest.raises(PredictError, match="k-fold folder, which predicts with the keras engine only"):
+        load_run(kfold["folder"], engine="onnx")
+    with pytest.raises(PredictError, match="a k-fold folder is not exported as one model"):
+        export_run(load_run(kfold["folder"]), "onnx", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_predict_tag_takes_a_k_fold_folder_as_one_model(kfold):
+    from predict.tagger import Tagger
+
+    tagger = Tagger.load(kfold["folder"], threshold="tuned")
+    assert [run.name for run in tagger.runs] == ["kfold"]
+    probabilities = tagger.predict_proba([solid(c) for c in MANIFEST])
+    np.testing.assert_allclose(probabilities, _mean_probabilities(MANIFEST), atol=2e-6)
