@@ -183,6 +183,7 @@ def _assert_tables_print_the_json(stdout: str, result: dict, not_applicable: tup
             assert float(std) == 0.0
 
 
+@pytest.mark.slow  # trains tiny runs of both heads (about a minute on a busy machine)
 def test_tables_print_the_json_figures(tiny_bench):
     work, outputs = tiny_bench
     stdout, result = outputs[0]
@@ -192,6 +193,7 @@ def test_tables_print_the_json_figures(tiny_bench):
     assert (work / "heads.md").read_text().strip() in outputs[-1][0]
 
 
+@pytest.mark.slow  # trains tiny runs of both heads (about a minute on a busy machine)
 def test_data_is_the_demo_lists_as_a_crawl_leaves_them(tiny_bench):
     work, outputs = tiny_bench
     result = outputs[0][1]
@@ -210,6 +212,7 @@ def test_data_is_the_demo_lists_as_a_crawl_leaves_them(tiny_bench):
         assert run["test_images"] == 16
 
 
+@pytest.mark.slow  # trains tiny runs of both heads (about a minute on a busy machine)
 def test_runs_share_everything_but_the_head_and_agree_with_predict_evaluate(tiny_bench):
     work, outputs = tiny_bench
     result = outputs[0][1]
@@ -238,6 +241,7 @@ def test_runs_share_everything_but_the_head_and_agree_with_predict_evaluate(tiny
     assert lstm["empty_share_at_0.5"] == 0.0
 
 
+@pytest.mark.slow  # trains tiny runs of both heads (about a minute on a busy machine)
 def test_second_call_reuses_the_finished_runs_and_scores_them_alike(tiny_bench):
     _, outputs = tiny_bench
     first, second = outputs[0][1], outputs[1][1]
@@ -269,6 +273,7 @@ def tiny_shapes(tiny_bench):
     return work, outputs, demo_runs, demo_table
 
 
+@pytest.mark.slow  # trains tiny runs of both heads (about a minute on a busy machine)
 def test_shapes_run_has_no_structure_columns_and_its_tables_equal_its_json(tiny_shapes):
     work, outputs, demo_runs, demo_table = tiny_shapes
     stdout, result = outputs[0]
@@ -299,6 +304,7 @@ def test_shapes_run_has_no_structure_columns_and_its_tables_equal_its_json(tiny_
     assert (work / "shapes" / "heads.md").read_text().strip() in outputs[-1][0]
 
 
+@pytest.mark.slow  # trains tiny runs of both heads (about a minute on a busy machine)
 def test_second_shapes_call_reuses_its_runs(tiny_shapes):
     _, outputs, _, _ = tiny_shapes
     first, second = outputs[0][1], outputs[1][1]

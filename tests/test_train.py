@@ -326,6 +326,8 @@ def test_learns_the_coloured_shapes_well_above_chance(tmp_path, monkeypatch):
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
 
 
+# Slow: each builds and trains a 40M+ parameter backbone (the fast suite trains xception in several other tests).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["inception_resnet_v2", "inception_v4"])
 def test_backbone_builds_trains_a_frozen_epoch_and_saves(name, data, tmp_path):
     # Xception goes through the two-stage run above; here the other two main backbones train one frozen epoch.
