@@ -96,6 +96,15 @@ def _loss_settings(a: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    from train.multiworker import ClusterError, main_worker, read_cluster
+
+    try:
+        cluster = read_cluster()  # TF_CONFIG naming more than one task: multi-worker training
+    except ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cluster is not None:
+        return main_worker(config, cluster)
     # Logical CPU devices must exist before TensorFlow starts its runtime: set them up before anything else.
     from train.devices import DeviceError, make_strategy
 

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from train.preprocess import preprocess
+from train.shards import Shard, shard_positions
 
 AUGMENTATIONS = ("flip", "translate", "rotate", "rot90")
 DEFAULT_AUGMENT = ("flip", "translate", "rotate")
@@ -293,6 +294,7 @@ def make_dataset(
     skips: SkipLog | None = None,
     cache_tag: str = "images",
     pad_to_multiple: int = 1,
+    shard: Shard | None = None,
 ) -> tf.data.Dataset:
     """The input pipeline: yields (images, labels) batches, or images alone when `labels` is None.
 
@@ -306,6 +308,11 @@ def make_dataset(
     only the last batch) gets zero images (and zero labels) appended up to one, so that a MirroredStrategy with that
     many replicas never hands a replica an empty batch (TensorFlow fails on one: tests/test_keras_workarounds.py).
     The padding rows come last; the caller drops the predictions past the readable images (SkipLog.delivered()).
+
+    `shard` (training with an `epoch`, multi-worker): this input pipeline reads only its positions of each epoch's
+    permutation (`train.shards`), picked before decoding, then its own positions again as spares for unreadable
+    files, and stops after exactly `shard.batches` batches; its augmentation draws differ from the other pipelines'
+    and depend only on (seed, epoch, shard index).
     """
     paths = [str(p) for p in paths]
     n = len(paths)
@@ -320,7 +327,13 @@ def make_dataset(
     seed = int(seed)
 
     path_table, label_table = tf.constant(paths), tf.constant(label_array)
-    if training and cache is None:
+    if shard is not None:
+        if not training or epoch is None or cache is not None:
+            raise ValueError("make_dataset: a shard needs training=True, an epoch variable and no cache")
+        positions = shard_positions(n, shard.index, shard.count)
+        own = tf.data.Dataset.range(positions.start, positions.stop, positions.step)
+        indices, pick = own.concatenate(own), lambda i: _permuted(i, n, seed, epoch)
+    elif training and cache is None:
         # Shuffle the (cheap) file list before decoding: a full shuffle with no buffer of decoded images.
         if epoch is not None:
             indices, pick = tf.data.Dataset.range(n), lambda i: _permuted(i, n, seed, epoch)
@@ -359,11 +372,17 @@ def make_dataset(
         return image, label
 
     ds = ds.map(deliver, num_parallel_calls=_PARALLEL).batch(batch_size, drop_remainder=training)
+    if shard is not None:
+        ds = ds.take(shard.batches)
     if augment:
         # The augmentation draws of a batch depend on (seed, epoch) and the batch number only, so a resumed run
         # repeats them; the augmentation and the preprocessing are one pass over the batch.
+        # A shard's steps are interleaved with the other shards' (step * count + index): distinct draws per worker.
+        index, count = (0, 1) if shard is None else (shard.index, shard.count)
+
         def augment_and_preprocess(step, images, label, key):
-            return augment_batch(images, augment, tf.stack([key * 1_000_003 + seed, step]), preprocessing), label
+            draw = tf.stack([key * 1_000_003 + seed, step * count + index])
+            return augment_batch(images, augment, draw, preprocessing), label
 
         if epoch is not None:
             ds = ds.enumerate().map(lambda step, batch: augment_and_preprocess(step, *batch, epoch.read_value()),

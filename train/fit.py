@@ -294,11 +294,13 @@ def train(
     verbose: int | str = "auto",
     callbacks: Sequence[keras.callbacks.Callback] = (),
     strategy: tf.distribute.Strategy | None = None,
+    run_factory: type[TrainingRun] = TrainingRun,
 ) -> TrainResult:
     """Train `config.backbone` on `config.data_dir` into `config.out` (see the module docstring).
 
     `verbose` is Keras's progress setting ("auto": a progress bar on a terminal, one line per epoch otherwise).
     `callbacks` are extra Keras callbacks for both stages. `strategy` defaults to `make_strategy(config.devices)`.
+    `run_factory` makes the run's shared state (train.multiworker passes its per-worker kind).
     Raises ConfigError (bad settings or RUN_DIR), DataDirError, WeightsError, TrainingDiverged.
     """
     cfg = config.resolve()
@@ -321,7 +323,7 @@ def train(
 
     with _precision(cfg):
         keras.utils.set_random_seed(cfg.seed)
-        run = TrainingRun(cfg, split, strategy, verbose)
+        run = run_factory(cfg, split, strategy, verbose)
         with strategy.scope():
             model, backbone = build_model(run.backbone, len(split.classes), image_size=cfg.image_size,
                                           weights=cfg.weights, dropout=cfg.dropout, l2=cfg.l2,

@@ -11,6 +11,7 @@ import numpy as np
 
 SEED_STATE_SUFFIX = "seed_generator_state"  # the path ending of a SeedGenerator's state variable
 _COUNTER_SHIFT = 20  # an epoch's dropout counter starts at epoch * 2**20: room for a million steps per epoch
+_WORKER_SHIFT = 40  # and a worker's at worker * 2**40 on top (the state is int64): room for a million epochs
 
 
 def clear_restored_epoch(model: keras.Model) -> None:
@@ -22,17 +23,19 @@ def clear_restored_epoch(model: keras.Model) -> None:
     model._initial_epoch = None
 
 
-def reseed_random_layers(model: keras.Model, epoch: int) -> None:
+def reseed_random_layers(model: keras.Model, epoch: int, worker: int = 0) -> None:
     """Key the random layers (the head's Dropout) on the epoch, as the data's shuffle and augmentation are.
 
     BackupAndRestore does not restore the layers' SeedGenerator states, so a resumed run would otherwise draw other
     dropout masks than the uninterrupted one from its first resumed epoch on. Each state is (seed, counter), found
     by its variable path; the counter, advanced once per training step, restarts every epoch at epoch * 2**20.
+    In multi-worker training each worker adds worker * 2**40, so the workers draw different masks.
     """
     for variable in model.variables:
         if variable.path.endswith(SEED_STATE_SUFFIX):
             seed = int(keras.ops.convert_to_numpy(variable)[0])
-            variable.assign(np.array([seed, epoch << _COUNTER_SHIFT], dtype=variable.dtype))
+            counter = (worker << _WORKER_SHIFT) + (epoch << _COUNTER_SHIFT)
+            variable.assign(np.array([seed, counter], dtype=variable.dtype))
 
 
 def correct_epoch_loss(logs: dict, running_mean: float) -> None:

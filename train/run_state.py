@@ -26,6 +26,7 @@ from train.config import RUNTIME_SETTINGS, TrainConfig
 from train.data import SkipLog, make_dataset
 from train.rnn_head import class_order, sequence_rows, teacher_forcing
 from train.rundir import BACKUP_DIR, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunDirError, RunRecord
+from train.shards import Shard
 
 RunDirState = Literal["fresh", "resume", "complete"]
 _DEFAULT_SETTINGS = {  # TrainConfig's defaults as config.json spells them
@@ -109,14 +110,7 @@ class TrainingRun:
         # The rnn head learns label sequences: each image's classes in `class_order`, carried through the same
         # pipeline as label rows, then split into the teacher-forcing inputs and targets.
         self.class_order = class_order(split.train_labels, cfg.label_order)
-        rnn = cfg.head == "rnn"
-        labels = sequence_rows(split.train_labels, self.class_order) if rnn else split.train_labels
-        self.train_ds = make_dataset(
-            split.train_paths, labels, batch_size=cfg.batch_size, training=True, augment=cfg.augment,
-            epoch=self.epoch, skips=self.train_skips, cache_tag="train", **common,
-        )
-        if rnn:
-            self.train_ds = teacher_forcing(self.train_ds, len(split.classes))
+        self.train_ds = self.train_dataset(cfg.batch_size)
         # Every replica gets at least one image of the last validation batch: it is padded to a multiple of them.
         self.val_ds = make_dataset(
             split.val_paths, None, batch_size=cfg.batch_size, training=False, skips=self.val_skips,
@@ -129,6 +123,18 @@ class TrainingRun:
         # The model that validates, is saved and predicts (one score per class): the fitted model itself for the
         # sigmoid head, the tagger sharing the training model's weights for the rnn head. Set by train().
         self.tagger: keras.Model | None = None
+
+    def train_dataset(self, batch_size: int, shard: Shard | None = None) -> tf.data.Dataset:
+        """The training pipeline in batches of `batch_size`; with `shard`, one multi-worker input pipeline's share."""
+        cfg, split = self.cfg, self.split
+        rnn = cfg.head == "rnn"
+        labels = sequence_rows(split.train_labels, self.class_order) if rnn else split.train_labels
+        ds = make_dataset(
+            split.train_paths, labels, image_size=cfg.image_size, preprocessing=self.backbone.preprocessing,
+            cache=cfg.cache, seed=cfg.seed, batch_size=batch_size, training=True, augment=cfg.augment,
+            epoch=self.epoch, skips=self.train_skips, cache_tag="train", shard=shard,
+        )
+        return teacher_forcing(ds, len(split.classes)) if rnn else ds
 
     def restart_at(self, epoch: int) -> None:
         """Forget epochs from `epoch` (0-based) on: a resumed fit() redoes them, so their rows must not stay."""
