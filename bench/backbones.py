@@ -45,7 +45,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.atomic import atomic_write_csv, atomic_write_text
-from demo.__main__ import DEMO_BACKBONES, DemoConfig
+from demo.__main__ import DEMO_BACKBONES, DemoConfig, chance_map
 
 NEW_BACKBONES = ("efficientnetv2_s", "efficientnetv2_b0", "convnext_tiny", "convnext_small")
 LOSSES = ("bce", "focal", "asl")
@@ -162,8 +162,10 @@ def train_config(config: BackbonesBenchConfig, row: Row):
 def finished(row: Row, path: Path) -> bool:
     """Whether the row's RUN_DIR (or k-fold folder) holds a finished model."""
     if row.folds is not None:
-        from train.kfold_dir import KFOLD_FILE
-
+        try:
+            from train.kfold_dir import KFOLD_FILE
+        except ImportError:  # a checkout from before `--folds`: it cannot have trained one
+            return False
         return (path / KFOLD_FILE).is_file()
     from train import rundir
 
@@ -271,7 +273,8 @@ def run_benchmark(config: BackbonesBenchConfig) -> dict:
         scored.append(figures)
         print(f"   {row.spec}: test mAP {figures['map']:.4f}, F2 @0.5 {figures['f2_at_0.5']:.4f}, "
               f"@tuned {figures['f2_at_tuned']:.4f}", flush=True)
-    return {"rows": scored, "missing": missing, "seconds": round(time.monotonic() - started, 1)}
+    return {"rows": scored, "missing": missing, "chance_map": chance_map(config.test_data),
+            "seconds": round(time.monotonic() - started, 1)}
 
 
 # --- report ---------------------------------------------------------------------------------------------------------
@@ -304,6 +307,8 @@ def markdown(result: dict) -> str:
              "| " + " | ".join("---" if f == "s" else "---:" for _, _, f in COLUMNS) + " |"]
     for r in result["rows"]:
         lines.append("| " + " | ".join(cell(r[k], f) for k, _, f in COLUMNS) + " |")
+    lines += ["", f"Chance level (a random scorer's mAP, about the test set's mean class prevalence): "
+                  f"{result['chance_map']:.3f}."]
     if result["missing"]:
         lines += ["", f"Not measured yet: {', '.join(result['missing'])}."]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from bench.backbones import COLUMNS, DEFAULT_ROWS, TABLE_CSV, TABLE_MD, Row, main, parse_row
+from crawl import manifest as mf
 from predict.evaluate import EvaluateConfig, evaluate
 from tests.datagen import make_data_dir
 from train import backbones as registry
@@ -162,11 +163,15 @@ def test_markdown_and_csv_hold_the_same_figures(tiny_bench):
 
 
 def test_second_call_trains_nothing_and_lists_the_missing_row(tiny_bench):
-    work, _, _, outputs = tiny_bench
-    (stdout0, first), (stdout1, second) = outputs[:2]
+    work, _, test_dir, outputs = tiny_bench
+    (_, first), (stdout1, second) = outputs[:2]
     assert [r["row"] for r in second["rows"]] == [TINY, f"{TINY}-asl"]
     assert second["missing"] == [f"{TINY}-focal"] and not (work / f"{TINY}-focal").exists()
     assert f"Not measured yet: {TINY}-focal." in stdout1
+    # The chance level is the test set's mean class prevalence (over classes that occur).
+    labels = mf.read_data_dir(test_dir).labels()
+    assert second["chance_map"] == pytest.approx(labels.mean(axis=0)[labels.mean(axis=0) > 0].mean())
+    assert f"{second['chance_map']:.3f}." in stdout1
     for a, b in zip(first["rows"], second["rows"], strict=True):
         # Training figures come from the unchanged history.csv; test figures from the same model.
         for key in ("map", "f2_at_0.5", "f2_at_tuned", "params", "train_images_per_second", "epochs_run"):
