@@ -197,3 +197,33 @@ def test_reuse_refuses_a_run_with_another_schedule(tiny_bench, tmp_path):
                      "--frozen-epochs", "1", "--epochs", "3", "--lr", "1e-2", "--finetune-lr", "3e-3",
                      "--json", str(json_path)]) == 0
     assert json.loads(json_path.read_text())["missing"] == [TINY]
+
+
+def test_scratch_and_kfold_rows_are_scored_from_their_folders(tmp_path):
+    """A scratch row and a 2-fold row (on a checkout with `--recipe` and `--folds`): the k-fold row is scored as one
+    model, its training figures are its folds' history.csv together."""
+    kfold_dir = pytest.importorskip("train.kfold_dir", reason="needs --folds and --recipe (issue 14's k-fold part)")
+    registry.BACKBONES[TINY] = registry.Backbone(TINY, _tiny_cnn, min_input_size=16)
+    try:
+        train_dir = make_data_dir(tmp_path / "train", 30, 3, seed=0, size=(48, 48), every_image_labelled=True).root
+        test_dir = make_data_dir(tmp_path / "test", 12, 3, seed=1, size=(48, 48), id_prefix="t").root
+        json_path = tmp_path / "r.json"
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["--work", str(tmp_path / "w"), "--rows", f"{TINY}-scratch,{TINY}-2fold", "--train",
+                         str(train_dir), "--test", str(test_dir), "--image-size", "32", "--batch-size", "8",
+                         "--frozen-epochs", "1", "--epochs", "1", "--lr", "1e-2", "--finetune-lr", "3e-3",
+                         "--json", str(json_path)]) == 0
+    finally:
+        registry.BACKBONES.pop(TINY, None)
+    scratch, kfold = json.loads(json_path.read_text())["rows"]
+    work = (tmp_path / "w").resolve()
+    assert rundir.read_config(work / f"{TINY}-scratch").train["recipe"] == "scratch" == scratch["recipe"]
+    assert list(rundir.read_history(work / f"{TINY}-scratch")["stage"]) == [1]
+    assert (kfold["folds"], kfold["epochs_run"]) == (2, 2)  # one epoch in each of the two folds
+    folds = kfold_dir.fold_dirs(work / f"{TINY}-2fold")
+    history = pd.concat([rundir.read_history(d) for d in folds])
+    images = history["seconds"] * history["images_per_second"]
+    assert kfold["train_images_per_second"] == pytest.approx(images.sum() / history["seconds"].sum())
+    report = evaluate(EvaluateConfig(runs=(work / f"{TINY}-2fold",), data=test_dir, threshold="tuned", progress=False))
+    assert kfold["map"] == pytest.approx(report["map"], abs=1e-6)
+    assert kfold["f2_at_tuned"] == pytest.approx(report["f2"], abs=1e-6)
