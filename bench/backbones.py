@@ -18,12 +18,14 @@ prediction, warm-up excluded). Training images/s is read from the runs' history.
 all epochs (and folds) divided by the epochs' wall time. The replicas column says how many replicas trained the row.
 
 Resumable: a finished RUN_DIR (or k-fold folder) is reused, a killed one resumed by train itself, so the command
-can be run again in a later session to add the rows still missing. `--no-train` only scores what has finished and
+can be run again in a later session to add the rows still missing. Each row's test figures are kept in
+--work/scores/SPEC.json with the sha256 of its model file(s) and of the test manifest, and reused while both are
+unchanged (`--rescore` measures them again, prediction speed included). `--no-train` only scores what has finished and
 lists the rest as not measured. `--reuse RUNS` takes the transfer-bce rows of the reference backbones from another
 folder of finished RUN_DIRs (e.g. the demo's `demo_out/runs`) when their settings are the bench's (replicas aside).
 
     python -m bench.backbones [--work bench_out/backbones] [--rows SPEC,...] [--train DATA_DIR] [--test DATA_DIR]
-                              [--reuse RUNS] [--no-train] [--devices 1] [--image-size 96 ...]
+                              [--reuse RUNS] [--no-train] [--rescore] [--devices 1] [--image-size 96 ...]
 
 Writes --work/backbones.md (the table, sorted as the rows were given) and --work/backbones.csv (every figure
 unrounded), and prints the table. A separate command, not part of `make bench`: it trains models for an hour or more
@@ -44,7 +46,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.atomic import atomic_write_csv, atomic_write_text
+from common.atomic import atomic_write_csv, atomic_write_json, atomic_write_text
 from demo.__main__ import DEMO_BACKBONES, DemoConfig, chance_map
 
 NEW_BACKBONES = ("efficientnetv2_s", "efficientnetv2_b0", "convnext_tiny", "convnext_small")
@@ -59,6 +61,7 @@ DEFAULT_ROWS = (
     *(f"{b}-scratch" for b in DEMO_BACKBONES),
 )
 TABLE_MD, TABLE_CSV = "backbones.md", "backbones.csv"
+SCORES_DIR = "scores"  # under --work: each row's test figures with the fingerprints they were measured on
 DEMO_DATA = Path("demo_out/data")  # `make demo`'s DATA_DIRs: train/ and test_labelled/
 # The settings a reused run must share with the bench's (devices and cache are runtime settings: they may differ).
 REUSED_SETTINGS = ("image_size", "batch_size", "frozen_epochs", "epochs", "lr", "finetune_lr", "unfreeze", "weights",
@@ -111,6 +114,7 @@ class BackbonesBenchConfig:
     rows: tuple[str, ...] = DEFAULT_ROWS
     reuse: Path | None = None  # a folder of finished transfer-bce RUN_DIRs named by backbone (the demo's runs)
     train: bool = True  # False: score only the finished rows, list the others as not measured
+    rescore: bool = False  # True: measure every row's test figures again, even for an unchanged model
     image_size: int = DemoConfig.image_size
     batch_size: int = DemoConfig.batch_size
     frozen_epochs: int = DemoConfig.frozen_epochs
@@ -235,11 +239,34 @@ def training_figures(row: Row, path: Path) -> dict:
     }
 
 
-def score_row(config: BackbonesBenchConfig, row: Row, path: Path) -> dict:
-    """The row's figures: predict's compare row on the labelled test DATA_DIR (no TTA) and the training figures."""
+def model_fingerprint(row: Row, path: Path) -> str:
+    """The sha256 of the row's model file(s): a row's test figures are reused while it is unchanged."""
+    from train import rundir
+
+    return ",".join(rundir.model_sha256(d) for d in run_dirs(row, path))
+
+
+def test_figures(config: BackbonesBenchConfig, row: Row, path: Path) -> dict:
+    """predict's compare row for the model on the labelled test DATA_DIR (no TTA), kept in --work/scores/ with the
+    model's and the test data's fingerprints: a later call reuses it while both are unchanged (--rescore: never)."""
+    from crawl.manifest import manifest_sha256
     from predict.compare import compare_run
 
-    scored = compare_run(path, config.test_data, tta=1, batch_size=config.predict_batch_size, progress=False)
+    key = {"model_sha256": model_fingerprint(row, path), "test_manifest_sha256": manifest_sha256(config.test_data),
+           "predict_batch_size": config.predict_batch_size}
+    cache = Path(config.work) / SCORES_DIR / f"{row.spec}.json"
+    if not config.rescore and cache.is_file():
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            return kept["figures"]
+    figures = compare_run(path, config.test_data, tta=1, batch_size=config.predict_batch_size, progress=False)
+    atomic_write_json(cache, {"key": key, "figures": figures})
+    return figures
+
+
+def score_row(config: BackbonesBenchConfig, row: Row, path: Path) -> dict:
+    """The row's figures: predict's compare row on the labelled test DATA_DIR and the training figures."""
+    scored = test_figures(config, row, path)
     return {
         "row": row.spec, "backbone": row.backbone, "loss": row.loss, "recipe": row.recipe, "folds": row.folds or 1,
         "map": scored["map"], "f2_at_0.5": scored["f2_at_0.5"], "f2_at_tuned": scored["f2_at_tuned"],
@@ -338,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", type=Path, default=None,
                         help="take transfer-bce rows from this folder of finished RUN_DIRs named by backbone")
     parser.add_argument("--no-train", action="store_true", help="score only the finished rows")
+    parser.add_argument("--rescore", action="store_true",
+                        help="measure the test figures again (else kept per row while its model is unchanged)")
     parser.add_argument("--image-size", type=int, default=d.image_size)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--frozen-epochs", type=int, default=d.frozen_epochs)
@@ -352,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = BackbonesBenchConfig(
         work=args.work, train_data=args.train, test_data=args.test, rows=args.rows, reuse=args.reuse,
-        train=not args.no_train, image_size=args.image_size, batch_size=args.batch_size,
+        train=not args.no_train, rescore=args.rescore, image_size=args.image_size, batch_size=args.batch_size,
         frozen_epochs=args.frozen_epochs, epochs=args.epochs, lr=args.lr, finetune_lr=args.finetune_lr,
         unfreeze=args.unfreeze, val_split=args.val_split, seed=args.seed, devices=args.devices,
     )
