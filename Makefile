@@ -5,6 +5,8 @@ STAMP      := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 BENCH_STAMP:= $(VENV)/.installed-bench
 RUFF       := $(VENV)/bin/ruff
+PEER_VENV  := .venv-img2dataset
+PEER_STAMP := $(PEER_VENV)/.installed
 
 .PHONY: install install-test install-bench lint test test-slow bench demo clean
 
@@ -24,12 +26,19 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	touch $(TEST_STAMP)
 
-# Bench-only: tf-keras, for the legacy ImageDataGenerator baseline.
-install-bench: $(BENCH_STAMP)
+# Bench-only: tf-keras, for the legacy ImageDataGenerator baseline; and img2dataset, the crawl's peer, in a venv of
+# its own (it would replace .venv's pinned pandas and OpenCV).
+install-bench: $(BENCH_STAMP) $(PEER_STAMP)
 
 $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	touch $(BENCH_STAMP)
+
+$(PEER_STAMP): requirements-img2dataset.txt
+	test -x $(PEER_VENV)/bin/python || python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install --quiet -r requirements-img2dataset.txt
+	touch $(PEER_STAMP)
 
 # ruff, pinned in requirements-test.txt, with the settings of pyproject.toml.
 lint: install-test $(RUFF)
@@ -53,4 +62,4 @@ demo: install
 	$(PY) -m demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) .pytest_cache

@@ -7,7 +7,8 @@ writes, manifest; the median of a few runs into fresh directories) and once by t
 sequential `urllib.request.urlopen` loop that writes each body to a file. The crawler's stored files are checked
 to be the served bytes, unchanged.
 
-    python -m bench.crawl                      # 1000 images at 50 ms and at 0 ms added latency
+    python -m bench.crawl                      # 1000 images at 50 ms and at 0 ms added latency, then
+                                               # bench.crawl_peer: the latency floor and img2dataset
     python -m bench.crawl --images 200 --latency 0.05 --baseline-limit 100
 """
 
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--baseline-limit", type=int, help="download only the first N images in the sequential loop (all)"
     )
+    parser.add_argument(
+        "--no-peer", dest="peer", action="store_false", help="skip the floor and img2dataset comparison"
+    )
     args = parser.parse_args(argv)
     config = CrawlBenchConfig(
         images=args.images,
@@ -243,7 +247,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         baseline_limit=args.baseline_limit,
         repeats=args.repeats,
     )
-    return run(config)
+    results = run(config)
+    if args.peer:
+        # The same figures as `python -m bench.crawl_peer`: the latency floor and img2dataset, in this run.
+        from bench import crawl_peer
+
+        if crawl_peer.IMG2DATASET.exists():
+            print()
+            crawl_peer.print_comparison(crawl_peer.compare(crawl_peer.PeerBenchConfig(workers=args.workers)))
+        else:
+            print(f"\n{crawl_peer.IMG2DATASET} not found: run `make install-bench` to compare with img2dataset")
+    return results
 
 
 if __name__ == "__main__":

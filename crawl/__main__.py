@@ -1,4 +1,4 @@
-"""Command line of the crawl stage, `python -m crawl LIST OUT_DIR [options]`: argparse, then crawl.crawler.crawl."""
+"""Command line of the crawl stage, `python -m crawl LIST|FOLDER OUT_DIR [options]`: argparse, then crawl.crawl."""
 
 from __future__ import annotations
 
@@ -22,15 +22,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m crawl",
         description="Download the images of a URL list into OUT_DIR (a DATA_DIR: list.csv, classes.txt, "
-        "manifest.csv, failed.csv, crawl.json, images/). Running the same command again resumes.",
+        "manifest.csv, failed.csv, crawl.json, images/). Running the same command again resumes. With --root, "
+        "list rows that are not http(s) URLs are file paths under that folder; a FOLDER of class sub-folders "
+        "instead of a list reads its images (classes: the sub-folder names, sorted; ids: relative paths).",
         epilog=f"failed.csv reasons:\n{reasons}\n\nExit status: 0 done (per-URL failures are in failed.csv), "
         "2 bad input or usage, 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("list", type=Path, help="JD headerless CSV (id,url[,flags]) or a CSV/TSV with a url column")
+    add(
+        "list",
+        type=Path,
+        help="JD headerless CSV (id,url[,flags]), a CSV/TSV with a url column, or a folder of class sub-folders",
+    )
     add("out_dir", type=Path, metavar="OUT_DIR", help="the DATA_DIR to write (created if needed)")
     add("--classes", type=Path, help="class names, one per line, in flag order")
+    add("--root", type=Path, help="read list rows that are not http(s) URLs as file paths under this folder")
     add("--workers", type=int, default=d.workers, help=f"concurrent downloads (default {d.workers})")
     add("--timeout", type=float, default=d.timeout, help=f"connect and read timeout in seconds ({d.timeout:g})")
     add("--deadline", type=float, default=d.deadline, help="wall-clock limit of one attempt in seconds (3 x --timeout)")
@@ -59,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> CrawlConfig:
         list_path=args.list,
         out_dir=args.out_dir,
         classes_path=args.classes,
+        root=args.root,
         workers=args.workers,
         timeout=args.timeout,
         deadline=args.deadline,

@@ -1,10 +1,14 @@
-"""The crawl stage: download a validated URL list concurrently into a resumable DATA_DIR.
+"""The crawl stage: download a validated URL list (or read local files) concurrently into a resumable DATA_DIR.
 
 `crawl(CrawlConfig)` parses the list (nothing is downloaded unless the whole list is valid), writes list.csv and
-classes.txt, then runs worker threads that each verify-or-download one id at a time. Files are written under a
-temporary name and renamed, and the manifest is rewritten atomically every few seconds and at the end, so a crawl
-killed at any moment and started again ends with the same manifest as an uninterrupted one: files that are on
-disk but missing from the manifest are recognised by their name (derived from id and URL) and re-hashed.
+classes.txt, then runs worker threads that each verify-or-fetch one id at a time. Files are written under a
+temporary name and renamed; every few seconds the rows stored since the last checkpoint are appended to the
+manifest journal, and manifest.csv is written once, at the end. A crawl killed at any moment and started again ends
+with the same manifest as an uninterrupted one: files that are on disk but on no record are recognised by their
+name (derived from id and URL) and re-hashed.
+
+With `root`, list rows that are not http(s) URLs are file paths read under that folder (crawl.local); a folder of
+class sub-folders given as the list is read as a labelled list of its files.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from crawl import manifest as mf
 from crawl.fetch import FetchConfig, Fetcher, FetchFailed, Interrupted
 from crawl.images import ImageRejected, configure_pil, process_image, verify_stored
 from crawl.listfile import ListError, ListItem, ParsedList, parse_list
+from crawl.local import STRAY_REASON, LocalSource, has_scheme, is_http, list_class_folders, store_unchanged
 
 # The `reason` column of failed.csv. `http_<status>` stands for one reason per HTTP status (http_404, http_503...).
 # Retryable failures (connection, timeout, incomplete, 408, 429, 5xx) are reported with the reason of the last
@@ -40,6 +45,8 @@ FAILURE_REASONS: dict[str, str] = {
     "redirects": "more than 5 redirects (a redirect loop, for instance)",
     "bad_scheme": "the URL, or a redirect, is not http/https (ftp://, file://, ...)",
     "bad_url": "the URL cannot be parsed or has no host",
+    "bad_path": "with --root: the path is missing, not a regular file, or resolves outside the root (links included)",
+    "stray_file": "a folder crawl: a file directly in the folder or below a class sub-folder (not an item)",
     "empty": "the server answered with an empty body",
     "not_image": "the bytes are not an image: an HTML page, text, or a format we do not read",
     "corrupt": "the bytes start like an image but do not decode (or use a colour mode that cannot be converted)",
@@ -49,6 +56,7 @@ FAILURE_REASONS: dict[str, str] = {
 }
 
 LOCK_FILE = ".crawl.lock"
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii)
 _SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")  # no dots, no slashes: a slug can never be '..' or a hidden file
 
 
@@ -56,10 +64,13 @@ _SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")  # no dots, no slashes: a slug can nev
 class CrawlConfig:
     """Settings of one crawl (the CLI flags of `python -m crawl`)."""
 
-    list_path: Path
+    list_path: Path  # a list file, or a folder of class sub-folders
     out_dir: Path
     classes_path: Path | None = None
-    workers: int = 32
+    root: Path | None = None  # list rows that are not http(s) are paths under this folder
+    # 128: against hosts 100-300 ms away, 64 workers reached 63-84% of their latency floor and 128 up to 34% more
+    # images/s (at 200-300 ms); 256 gained nothing on 2 cores (BENCHMARKS.md, `python -m bench.crawl_peer --sweep`).
+    workers: int = 128
     timeout: float = 10.0
     deadline: float | None = None  # None: three times `timeout`
     retries: int = 3
@@ -91,6 +102,26 @@ class CrawlConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.root is not None and not Path(self.root).is_dir():
+            raise ConfigError(f"--root {self.root}: not a directory")
+        if self.is_folder:
+            if self.root is not None:
+                raise ConfigError(f"{self.list_path} is a folder: it is the root itself, so --root is not used")
+            if self.classes_path is not None:
+                raise ConfigError(f"{self.list_path} is a folder: the sub-folders are the classes, no --classes")
+            folder, out = os.path.realpath(self.list_path), os.path.realpath(self.out_dir)
+            if out == folder or out.startswith(folder.rstrip(os.sep) + os.sep):
+                raise ConfigError(f"OUT_DIR {self.out_dir} is inside the image folder {self.list_path}")
+
+    @property
+    def is_folder(self) -> bool:
+        """The list is a folder of class sub-folders."""
+        return Path(self.list_path).is_dir()
+
+    @property
+    def source_root(self) -> Path | None:
+        """The folder local paths are read under: --root, or the folder of a folder crawl."""
+        return Path(self.list_path) if self.is_folder else self.root
 
 
 class ConfigError(ValueError):
@@ -114,7 +145,9 @@ def safe_stem(item_id: str, url: str) -> str:
 
     The URL is part of the hash so that a list whose URL for an id changed does not reuse the old file.
     """
-    digest = hashlib.sha256(json.dumps([item_id, url]).encode("utf-8")).hexdigest()[:20]
+    # The bytes of json.dumps([item_id, url]), built from its C string encoder (a million ids: 5 s less).
+    key = f"[{_json_string(item_id)}, {_json_string(url)}]"
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
     slug = _SLUG_RE.sub("_", item_id).strip("_")[:48]
     return f"{slug}-{digest}" if slug else digest
 
@@ -201,15 +234,25 @@ class _Progress:
 class _Crawl:
     """One run over one DATA_DIR; `run()` returns the summary written to crawl.json."""
 
-    def __init__(self, config: CrawlConfig, parsed: ParsedList):
+    def __init__(self, config: CrawlConfig, parsed: ParsedList, stems: dict[str, str], stray: dict[str, str]):
         self.config = config
         self.parsed = parsed
+        self.stray = stray
         self.out_dir = Path(config.out_dir)
         self.images_dir = self.out_dir / mf.IMAGES_DIR
-        self.stems = {item.id: safe_stem(item.id, item.url) for item in parsed.items}
+        self.stems = stems
         self.results: dict[str, _Stored | _Failed] = {}
         self.stop = threading.Event()
         self.previous = mf.read_stored_rows(self.out_dir)
+        self.journal = mf.ManifestJournal(self.out_dir)
+        self.unjournaled: list[mf.ManifestRow] = []  # stored since the last checkpoint
+        # Running totals, so that a checkpoint's summary costs the same at any list length.
+        self.n_stored = self.n_fetched = self.n_converted = self.n_bytes = self.n_fetched_bytes = 0
+        self.failed_by_reason: Counter = Counter()
+        self.first_by_hash: dict[str, str] = {}
+        self.duplicates_by_hash: dict[str, list[str]] = {}
+        root = config.source_root
+        self.local = LocalSource(root, config.max_bytes) if root is not None else None
         # One listing instead of two failed opens per id when checking for files of an earlier run.
         self.on_disk = set(os.listdir(self.images_dir)) if self.images_dir.is_dir() else set()
         self.trust_files = self._previous_settings_match()
@@ -285,26 +328,34 @@ class _Crawl:
         return None
 
     def _process(self, item: ListItem) -> _Stored | _Failed:
+        if item.id in self.stray:
+            return _Failed(item=item, reason=STRAY_REASON, detail=self.stray[item.id], attempts=0)
         done = self._stored_already(item)
         if done is not None:
             return done
+        local = None
         try:
-            download = self.fetcher.get(item.url)
+            if self.local is not None and not is_http(item.url) and not has_scheme(item.url):
+                local = self.local.read(item.url)
+                data, content_type, attempts = local.data, None, 1
+            else:
+                download = self.fetcher.get(item.url)
+                data, content_type, attempts = download.data, download.content_type, download.attempts
         except FetchFailed as failure:
             return _Failed(item=item, reason=failure.reason, detail=failure.detail, attempts=failure.attempts)
         cfg = self.config
         try:
-            image = process_image(
-                download.data, max_pixels=cfg.max_pixels, max_side=cfg.max_side, content_type=download.content_type
-            )
+            image = process_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side, content_type=content_type)
         except ImageRejected as rejected:
-            return _Failed(item=item, reason=rejected.reason, detail=rejected.detail, attempts=download.attempts)
+            return _Failed(item=item, reason=rejected.reason, detail=rejected.detail, attempts=attempts)
         stem = self.stems[item.id]
         rel = mf.image_path(stem, image.extension)
         final = self.out_dir / rel
         tmp = self.images_dir / f".{stem}.{os.getpid()}-{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as handle:
-            handle.write(image.data)
+        # A local file kept byte for byte is hard-linked where the file system allows it; else its bytes are written.
+        if not (local is not None and image.unchanged and store_unchanged(local, tmp)):
+            with open(tmp, "wb") as handle:
+                handle.write(image.data)
         os.replace(tmp, final)  # the file appears complete or not at all
         other = final.with_suffix(".png" if image.extension == ".jpg" else ".jpg")
         if other.name in self.on_disk:
@@ -368,61 +419,95 @@ class _Crawl:
             rows.append(mf.FailedRow(id=item.id, url=item.url, reason=reason, detail=detail, attempts=attempts))
         mf.write_failed(self.out_dir, rows)
 
-    def _duplicates(self) -> list[list[str]]:
+    def _record(self, result: _Stored | _Failed) -> None:
+        """Keep `result` and the running totals; queue a stored row for the journal unless it is on record."""
+        self.results[result.item.id] = result
+        if isinstance(result, _Failed):
+            self.failed_by_reason[result.reason] += 1
+            return
+        self.n_stored += 1
+        self.n_bytes += result.size
+        if not result.resumed:
+            self.n_fetched += 1
+            self.n_fetched_bytes += result.size
+            self.n_converted += result.converted
+        first = self.first_by_hash.setdefault(result.sha256, result.item.id)
+        if first != result.item.id:
+            self.duplicates_by_hash.setdefault(result.sha256, [first]).append(result.item.id)
+        item = result.item
+        previous = self.previous.get(item.id)
+        if previous is None or (previous.path, previous.sha256, previous.url) != (result.path, result.sha256, item.url):
+            self.unjournaled.append(
+                mf.ManifestRow(
+                    id=item.id, path=result.path, url=item.url, sha256=result.sha256, width=result.width,
+                    height=result.height,
+                )
+            )
+
+    def _duplicates_in_list_order(self) -> list[list[str]]:
+        """Groups of ids with byte-identical images, each in list order, groups by their first id's position."""
+        if not self.duplicates_by_hash:
+            return []
         by_hash: dict[str, list[str]] = {}
         for item in self.parsed.items:
             result = self.results.get(item.id)
-            if isinstance(result, _Stored):
+            if isinstance(result, _Stored) and result.sha256 in self.duplicates_by_hash:
                 by_hash.setdefault(result.sha256, []).append(item.id)
-        return [ids for ids in by_hash.values() if len(ids) > 1]
+        return list(by_hash.values())
 
     def summary(self, status: str) -> dict:
-        stored = [r for r in self.results.values() if isinstance(r, _Stored)]
-        failed = Counter(r.reason for r in self.results.values() if isinstance(r, _Failed))
+        failed = Counter(self.failed_by_reason)
         missing = len(self.parsed.items) - len(self.results)
         if missing and status == "interrupted":
             failed["interrupted"] += missing
-        downloaded = [r for r in stored if not r.resumed]
         seconds = time.monotonic() - self.started
-        duplicates = self._duplicates()
+        # A running checkpoint counts the groups; listing them would cost as much as the ids they hold, so only the
+        # final summary lists them (in list order). Running summaries have "duplicates": null.
+        duplicates = None if status == "running" else self._duplicates_in_list_order()
         cfg = self.config
+        settings = {
+            "workers": cfg.workers,
+            "timeout": cfg.timeout,
+            "deadline": cfg.attempt_deadline,
+            "retries": cfg.retries,
+            "max_bytes": cfg.max_bytes,
+            "max_pixels": cfg.max_pixels,
+            "max_side": cfg.max_side,
+        }
+        if cfg.source_root is not None:
+            settings["root"] = str(cfg.source_root)
         return {
             "status": status,
             "list": str(cfg.list_path),
             "format": self.parsed.format,
             "classes": len(self.parsed.classes),
             "items": len(self.parsed.items),
-            "stored": len(stored),
-            "downloaded": len(downloaded),
-            "already_stored": len(stored) - len(downloaded),
-            "converted": sum(r.converted for r in downloaded),
+            "stored": self.n_stored,
+            "downloaded": self.n_fetched,
+            "already_stored": self.n_stored - self.n_fetched,
+            "converted": self.n_converted,
             "failed": sum(failed.values()),
             "failed_by_reason": dict(sorted(failed.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "bytes": sum(r.size for r in stored),
-            "downloaded_bytes": sum(r.size for r in downloaded),
+            "bytes": self.n_bytes,
+            "downloaded_bytes": self.n_fetched_bytes,
             "seconds": round(seconds, 3),
-            "images_per_second": round(len(downloaded) / seconds, 2) if seconds > 0 else 0.0,
-            "duplicate_groups": len(duplicates),
+            "images_per_second": round(self.n_fetched / seconds, 2) if seconds > 0 else 0.0,
+            "duplicate_groups": len(self.duplicates_by_hash),
             "duplicates": duplicates,
-            "settings": {
-                "workers": cfg.workers,
-                "timeout": cfg.timeout,
-                "deadline": cfg.attempt_deadline,
-                "retries": cfg.retries,
-                "max_bytes": cfg.max_bytes,
-                "max_pixels": cfg.max_pixels,
-                "max_side": cfg.max_side,
-            },
+            "settings": settings,
             "started": self.started_wall.isoformat(timespec="seconds"),
             "finished": datetime.now(UTC).isoformat(timespec="seconds") if status != "running" else None,
         }
 
     def _checkpoint(self) -> None:
-        self._write_manifest()
+        """Append what was stored since the last checkpoint to the journal, and the running totals to crawl.json."""
+        self.journal.append(self.unjournaled)
+        self.unjournaled = []
         mf.write_summary(self.out_dir, self.summary("running"))
 
     def _finish(self, status: str) -> dict:
-        self._write_manifest()
+        self.journal.close()
+        self._write_manifest()  # the compaction: manifest.csv from every result; the journal is removed
         self._write_failed()
         summary = self.summary(status)
         mf.write_summary(self.out_dir, summary)
@@ -443,30 +528,20 @@ class _Crawl:
             threading.Thread(target=self._worker, args=(tasks, results), name=f"crawl-{k}", daemon=True)
             for k in range(min(cfg.workers, max(1, len(items))))
         ]
-        n_stored = n_failed = n_bytes = 0
         last_checkpoint = time.monotonic()
         try:
             self._checkpoint()
             for thread in threads:
                 thread.start()
             while len(self.results) < len(items):
-                try:
-                    result = results.get(timeout=0.2)
-                except queue.Empty:
-                    result = None
-                if isinstance(result, _Crash):
-                    raise RuntimeError(f"crawl worker failed on id {result.item.id!r}: {result.error!r}") from (
-                        result.error
-                    )
-                if result is not None:
-                    self.results[result.item.id] = result
-                    if isinstance(result, _Stored):
-                        n_stored += 1
-                        n_bytes += result.size
-                    else:
-                        n_failed += 1
-                    if progress is not None:
-                        progress.update(len(self.results), n_stored, n_failed, n_bytes)
+                for result in _take_all(results, timeout=0.2):
+                    if isinstance(result, _Crash):
+                        raise RuntimeError(f"crawl worker failed on id {result.item.id!r}: {result.error!r}") from (
+                            result.error
+                        )
+                    self._record(result)
+                if progress is not None:
+                    progress.update(len(self.results), self.n_stored, len(self.results) - self.n_stored, self.n_bytes)
                 if time.monotonic() - last_checkpoint >= cfg.checkpoint_every:
                     self._checkpoint()
                     last_checkpoint = time.monotonic()
@@ -500,12 +575,33 @@ class _Crawl:
             except queue.Empty:
                 return
             if not isinstance(result, _Crash):
-                self.results[result.item.id] = result
+                self._record(result)
 
     def _print_summary(self, summary: dict) -> None:
         if self.config.progress == "off":
             return
         print(format_summary(summary, self.out_dir), flush=True)
+
+
+_MAX_BATCH = 1000  # results per wake-up at most: checkpoints keep their pace when workers outrun the main thread
+
+
+def _take_all(results: queue.Queue, timeout: float) -> list:
+    """Wait up to `timeout` for one result, then take the others already there (up to _MAX_BATCH) without waiting.
+
+    One wait per batch, not per result: each wait gives up the GIL, and getting it back behind dozens of busy
+    workers can take a switch interval (5 ms), which capped the main thread at a few hundred results a second.
+    """
+    try:
+        batch = [results.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    try:
+        while len(batch) < _MAX_BATCH:
+            batch.append(results.get_nowait())
+    except queue.Empty:
+        pass
+    return batch
 
 
 def format_summary(summary: dict, out_dir: str | Path) -> str:
@@ -537,14 +633,12 @@ def crawl(config: CrawlConfig) -> dict:
     crawl runs on OUT_DIR) and CrawlInterrupted (Ctrl-C, after recording what was stored).
     """
     config.validate()
-    parsed = parse_list(config.list_path, config.classes_path)
-    stems: dict[str, str] = {}
-    for item in parsed.items:
-        stem = safe_stem(item.id, item.url)
-        if stem in stems:  # 80-bit hash: never expected, but never silently overwrite a file either
-            clash = f"id '{item.id}' maps to the same file as '{stems[stem]}'"
-            raise ListError([f"{config.list_path}:{item.line}: {clash}"])
-        stems[stem] = item.id
+    if config.is_folder:
+        folder = list_class_folders(config.list_path)
+        parsed, stray = folder.parsed, folder.stray
+    else:
+        parsed, stray = parse_list(config.list_path, config.classes_path), {}
+    stems = _stems(parsed, config.list_path)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / LOCK_FILE, "w") as lock:
@@ -554,7 +648,20 @@ def crawl(config: CrawlConfig) -> dict:
             raise CrawlBusy(f"{out_dir}: another crawl is writing this directory") from None
         configure_pil(config.max_pixels)
         _prepare_out_dir(out_dir, parsed)
-        return _Crawl(config, parsed).run()
+        return _Crawl(config, parsed, stems, stray).run()
+
+
+def _stems(parsed: ParsedList, list_path: Path) -> dict[str, str]:
+    """Every id's file name stem; ListError if two ids would share a file."""
+    stems: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for item in parsed.items:
+        stem = safe_stem(item.id, item.url)
+        owner = owners.setdefault(stem, item.id)
+        if owner != item.id:  # 80-bit hash: never expected, but never silently overwrite a file either
+            raise ListError([f"{list_path}:{item.line}: id '{item.id}' maps to the same file as '{owner}'"])
+        stems[item.id] = stem
+    return stems
 
 
 __all__ = [

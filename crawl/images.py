@@ -1,6 +1,9 @@
 """Turn downloaded bytes into a stored image: size check from the header, validation, RGB conversion, downsizing.
 
-Baseline and progressive RGB JPEGs without an EXIF rotation are kept byte for byte. Everything else is decoded and
+Baseline and progressive RGB JPEGs without an EXIF rotation are kept byte for byte, after a structural check of the
+whole file (frame, tables, every marker in the entropy-coded data, the end marker) that costs a regex scan instead of
+a decode: it finds what makes libjpeg give up (truncation, bogus tables or sampling factors, a stray marker), and a
+decode would add only the Huffman decoding, which libjpeg does not fail on. Everything else is decoded and
 re-encoded as an 8-bit RGB file (alpha composited over white, EXIF orientation applied, no orientation tag left) so
 that every stored file decodes to the same RGB image, of the recorded size, with `tf.io.decode_image(channels=3)`
 (which ignores EXIF orientation) and with `cv2.imread` (which applies it). Lossy sources (JPEG, WebP, AVIF) become
@@ -39,6 +42,10 @@ _MAGIC = (
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame codes (C4/C8/CC are not SOFs)
 _PLAIN_JPEG_SOFS = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman, 8-bit)
 _ORIENTATION_TAG = 0x0112
+# A marker in the entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart code (D0-D7) nor a fill 0xFF.
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# What may follow a scan before the end marker: DHT, DQT, DRI, SOS, DNL, COM, APPn (progressive and multi-scan files).
+_BETWEEN_SCANS = {0xC4, 0xDB, 0xDD, 0xDA, 0xDC, 0xFE, *range(0xE0, 0xF0)}
 
 
 class ImageRejected(Exception):
@@ -123,14 +130,65 @@ def _jpeg_info(data: bytes) -> _JpegInfo:
         length = int.from_bytes(data[pos : pos + 2], "big")
         if length < 2:
             raise ImageRejected("corrupt", f"bad JPEG segment length at byte {pos}")
+        if pos + length > n:
+            raise ImageRejected("truncated", "JPEG ends inside its headers")
         if marker in _SOF_MARKERS and pos + 8 <= n:
             sof, components = marker, data[pos + 7]
+            _check_frame(data[pos + 2 : pos + length], marker)
+        if marker == 0xC4:
+            _check_huffman_tables(data[pos + 2 : pos + length], pos)
         if marker == 0xDA:
             if sof is None:
                 raise ImageRejected("corrupt", "JPEG scan before its frame header")
             return _JpegInfo(sof=sof, components=components, scan_start=pos + length)
         pos += length
     raise ImageRejected("truncated", "JPEG ends inside its headers")
+
+
+def _check_frame(segment: bytes, marker: int) -> None:
+    """A start-of-frame segment: precision, size, then (id, sampling factors, table) for each component."""
+    if len(segment) < 6 or len(segment) != 6 + 3 * segment[5]:
+        raise ImageRejected("corrupt", f"JPEG frame header 0x{marker:02X} of {len(segment)} bytes does not add up")
+    for k in range(segment[5]):
+        factors = segment[6 + 3 * k + 1]
+        if not (1 <= factors >> 4 <= 4 and 1 <= factors & 15 <= 4):
+            raise ImageRejected("corrupt", f"JPEG component {k} has sampling factors {factors >> 4}x{factors & 15}")
+
+
+def _check_huffman_tables(segment: bytes, offset: int) -> None:
+    """A DHT segment: tables of (class and id, 16 code-length counts, that many symbols) that fill it exactly."""
+    pos = 0
+    while pos < len(segment):
+        if pos + 17 > len(segment):
+            raise ImageRejected("corrupt", f"bogus JPEG Huffman table at byte {offset}")
+        table = segment[pos]
+        count = sum(segment[pos + 1 : pos + 17])
+        if table >> 4 > 1 or table & 15 > 3 or count > 256 or pos + 17 + count > len(segment):
+            raise ImageRejected("corrupt", f"bogus JPEG Huffman table at byte {offset}")
+        pos += 17 + count
+
+
+def _check_scans(data: bytes, scan_start: int) -> None:
+    """From the first scan to the end marker, every marker must be one that may come between scans."""
+    pos = scan_start
+    while True:
+        found = _MARKER_IN_SCAN.search(data, pos)
+        if found is None:
+            raise ImageRejected("truncated", f"JPEG without its end marker ({len(data)} bytes)")
+        at = found.start()
+        marker = data[at + 1]
+        if marker == 0xD9:
+            return
+        if marker not in _BETWEEN_SCANS:
+            raise ImageRejected("corrupt", f"JPEG marker 0x{marker:02X} inside the image data at byte {at}")
+        if at + 4 > len(data):
+            raise ImageRejected("truncated", f"JPEG ends inside a segment at byte {at}")
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if length < 2 or at + 2 + length > len(data):
+            raise ImageRejected("corrupt", f"bad JPEG segment length at byte {at + 2}")
+        if marker == 0xC4:
+            _check_huffman_tables(data[at + 4 : at + 2 + length], at)
+        pos = at + 2 + length
 
 
 @functools.cache
@@ -221,9 +279,8 @@ def process_image(
             orientation = 1
         plain = jpeg.sof in _PLAIN_JPEG_SOFS and jpeg.components == 3 and im.mode == "RGB" and orientation == 1
         if plain and not too_big:
-            # Keep the bytes; decode at 1/8 scale (libjpeg skips most of the inverse DCT) to prove they decode.
-            im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            _load(im)
+            # Keep the bytes, checked from the first scan to the end marker (see the module docstring).
+            _check_scans(data, jpeg.scan_start)
             return StoredImage(data, ".jpg", width, height, unchanged=True, source_format=fmt)
         if too_big:
             # Let libjpeg decode at the smallest power-of-two scale that is still at least max_side.

@@ -95,9 +95,9 @@ def _records(text: str, delimiter: str):
         except csv.Error as exc:
             raise ListError([f"{{file}}:{reader.line_num}: malformed CSV ({exc})"]) from exc
         previous_end = reader.line_num
-        if not fields or all(not f.strip() for f in fields):
-            continue
-        yield start, [f.strip() for f in fields]
+        stripped = [f.strip() for f in fields]
+        if any(stripped):
+            yield start, stripped
 
 
 def _is_header(fields: list[str]) -> bool:
@@ -112,6 +112,17 @@ def _check_id_url(where: str, item_id: str | None, url: str, errors: list[str]) 
     empty = [name for name, value in (("id", item_id), ("url", url)) if value == ""]
     errors.extend(f"{where}: empty {name}" for name in empty)
     return not empty
+
+
+_FLAG_VALUES = {"0": 0, "1": 1}
+
+
+def _flags(values: list[str]) -> tuple[int, ...] | None:
+    """The 0/1 flags as ints, or None if any is something else (then `_check_flag` reports each)."""
+    try:
+        return tuple(map(_FLAG_VALUES.__getitem__, values))
+    except KeyError:
+        return None
 
 
 def _check_flag(value: str, where: str, column: str, errors: list[str]) -> int:
@@ -174,17 +185,18 @@ def _parse_jd(path, records, given_classes, classes_path):
         classes = [f"class_{k}" for k in range(1, n_flags + 1)]
     items: list[ListItem] = []
     for line, fields in records:
+        flags = _flags(fields[2:])
+        if len(fields) == n_fields and fields[0] and fields[1] and flags is not None:  # the usual row, checked fast
+            items.append(ListItem(id=fields[0], url=fields[1], labels=flags, line=line))
+            continue
         where = f"{path}:{line}"
         if len(fields) != n_fields:
             shape = "id,url,flags" if n_flags else "id,url"
             errors.append(f"{where}: expected {n_fields} fields ({shape}), found {len(fields)}")
             continue
-        item_id, url = fields[0], fields[1]
-        bad = not _check_id_url(where, item_id, url, errors)
-        flags = tuple(_check_flag(v, where, classes[k], errors) for k, v in enumerate(fields[2:]))
-        if bad or any(v not in ("0", "1") for v in fields[2:]):
-            continue
-        items.append(ListItem(id=item_id, url=url, labels=flags, line=line))
+        _check_id_url(where, fields[0], fields[1], errors)
+        for k, v in enumerate(fields[2:]):
+            _check_flag(v, where, classes[k], errors)
     return classes, items, errors
 
 

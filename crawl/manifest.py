@@ -8,6 +8,9 @@ A DATA_DIR is what `python -m crawl` writes and what `train` and `predict` read:
   when labelled; ``path`` is relative to the DATA_DIR.
 - ``failed.csv``: ``id,url,reason,detail,attempts``, one row per id that has no stored image.
 - ``crawl.json``: the run summary.
+- ``manifest.journal``: only while a crawl runs (or after one was killed): the rows stored since manifest.csv was
+  last written, one JSON array per line, appended at each checkpoint. A crawl's last step writes manifest.csv
+  from everything and removes the journal, so a checkpoint costs what changed, not the whole manifest.
 
 Nothing here imports TensorFlow: the crawl stage runs on machines without it.
 """
@@ -32,6 +35,7 @@ CLASSES_FILE = "classes.txt"
 MANIFEST_FILE = "manifest.csv"
 FAILED_FILE = "failed.csv"
 SUMMARY_FILE = "crawl.json"
+JOURNAL_FILE = "manifest.journal"
 IMAGES_DIR = "images"
 
 MANIFEST_COLUMNS = ["id", "path", "url", "sha256", "width", "height"]
@@ -171,12 +175,77 @@ def write_list(root: str | os.PathLike, entries: Iterable[_ListEntry], classes: 
 
 
 def write_manifest(root: str | os.PathLike, rows: Iterable[ManifestRow], classes: Sequence[str]) -> None:
-    """Write manifest.csv: one row per stored image, in the given (list) order."""
+    """Write manifest.csv: one row per stored image, in the given (list) order; then remove the journal, whose rows
+    the complete manifest replaces (a kill between the two leaves both, which read the same)."""
     _write_rows(
         Path(root) / MANIFEST_FILE,
         MANIFEST_COLUMNS + list(classes),
         [[r.id, r.path, r.url, r.sha256, r.width, r.height, *r.labels] for r in rows],
     )
+    (Path(root) / JOURNAL_FILE).unlink(missing_ok=True)
+
+
+_JOURNAL_HEADER = json.dumps({"format": "crawl manifest journal", "version": 1, "columns": MANIFEST_COLUMNS})
+
+
+class ManifestJournal:
+    """The append-only journal of stored rows (manifest.journal), written by the one crawl that holds OUT_DIR.
+
+    `append(rows)` writes one JSON line per row, flushes and fsyncs: its cost is the rows given, whatever the size
+    of the manifest. A line cut by a kill is skipped by `read_stored_rows`, and the next append starts on a new
+    line, so a kill -9 at any moment loses at most the rows not yet appended (their files are found on disk again).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.path = Path(root) / JOURNAL_FILE
+        self._handle = None
+
+    def append(self, rows: Iterable[ManifestRow]) -> int:
+        """Append `rows` (labels are not journaled: list.csv holds them); returns how many were written."""
+        lines = [json.dumps([r.id, r.path, r.url, r.sha256, r.width, r.height]) + "\n" for r in rows]
+        if not lines:
+            return 0
+        if self._handle is None:
+            self._handle = open(self.path, "a+b")  # noqa: SIM115 - kept open across checkpoints, closed by close()
+            size = self._handle.seek(0, os.SEEK_END)
+            if size == 0:
+                self._handle.write(_JOURNAL_HEADER.encode() + b"\n")
+            else:
+                self._handle.seek(size - 1)
+                if self._handle.read(1) != b"\n":
+                    self._handle.write(b"\n")  # end the line a kill cut, so it cannot swallow the next row
+        self._handle.write("".join(lines).encode("utf-8"))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        return len(lines)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def read_journal(root: str | os.PathLike) -> list[ManifestRow]:
+    """The journal's rows in order (labels left out); lines that are not a whole row (one cut by a kill) are
+    skipped. [] when there is no journal."""
+    path = Path(root) / JOURNAL_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in raw.split(b"\n"):
+        try:
+            values = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(values, list) or len(values) != len(MANIFEST_COLUMNS):
+            continue
+        item_id, rel, url, sha, width, height = values
+        if not (all(isinstance(v, str) for v in (item_id, rel, url, sha)) and type(width) is type(height) is int):
+            continue
+        rows.append(ManifestRow(id=item_id, path=rel, url=url, sha256=sha, width=width, height=height))
+    return rows
 
 
 def write_failed(root: str | os.PathLike, rows: Iterable[FailedRow]) -> None:
@@ -262,11 +331,18 @@ def read_data_dir(root: str | os.PathLike) -> DataDir:
 
 
 def read_stored_rows(root: str | os.PathLike) -> dict[str, ManifestRow]:
-    """manifest.csv's rows by id (labels left out), or {} when it is missing, unreadable or malformed.
+    """The stored rows on record by id (labels left out): manifest.csv's, updated by the journal of a crawl that
+    did not finish. A missing, unreadable or malformed manifest counts as none.
 
-    For a crawl resuming in the folder: without a usable manifest it re-checks the files on disk instead.
+    For a crawl resuming in the folder: what is not on record it re-checks on disk instead.
     """
-    path = Path(root) / MANIFEST_FILE
+    rows = _read_manifest_rows(Path(root) / MANIFEST_FILE)
+    for row in read_journal(root):
+        rows[row.id] = row
+    return rows
+
+
+def _read_manifest_rows(path: Path) -> dict[str, ManifestRow]:
     if not path.exists():
         return {}
     try:

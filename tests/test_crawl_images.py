@@ -154,3 +154,46 @@ def test_decompression_bomb_is_rejected_without_allocating_the_image(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["reason"] == "too_many_pixels"
     assert result["grew_kb"] < 50_000  # under 50 MB, against 900 MB for the decoded image
+
+
+def _damaged_jpegs() -> dict[str, bytes]:
+    """JPEGs whose headers open but whose data libjpeg refuses, found by the structural check instead of a decode."""
+    base = samples.jpeg(120, 80, seed=2)
+    middle = (base.index(b"\xff\xda") + len(base)) // 2
+    dht, sof = bytearray(base), bytearray(base)
+    dht[dht.index(b"\xff\xc4") + 5] = 200  # a code-length count larger than the table
+    sof[sof.index(b"\xff\xc0") + 11] = 0x55  # sampling factors 5x5 (at most 4x4)
+    return {
+        "stray SOI": base[:middle] + b"\xff\xd8" + base[middle:],
+        "stray SOF": base[:middle] + b"\xff\xc0\x00\x04\x00\x00" + base[middle:],
+        "bogus DHT": bytes(dht),
+        "bad sampling": bytes(sof),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "detail"),
+    [
+        ("stray SOI", "JPEG marker 0xD8 inside the image data"),
+        ("stray SOF", "JPEG marker 0xC0 inside the image data"),
+        ("bogus DHT", "bogus JPEG Huffman table"),
+        ("bad sampling", "sampling factors 5x5"),
+    ],
+)
+def test_a_kept_jpeg_is_checked_to_its_end_marker_as_strictly_as_a_decode(name, detail):
+    data = _damaged_jpegs()[name]
+    with pytest.raises(ImageRejected) as info:
+        process_image(data, max_pixels=MAX_PIXELS)
+    assert (info.value.reason, detail in info.value.detail) == ("corrupt", True), info.value.detail
+    with pytest.raises(OSError, match="broken data stream"):
+        Image.open(io.BytesIO(data)).load()  # a full decode refuses it too
+
+
+def test_restart_markers_and_bytes_after_the_end_marker_keep_a_jpeg_unchanged():
+    buffer = io.BytesIO()
+    Image.fromarray(samples.pattern(120, 80)).save(buffer, "JPEG", quality=90, restart_marker_blocks=2)
+    with_restarts = buffer.getvalue()
+    assert b"\xff\xd0" in with_restarts
+    for data in (with_restarts, samples.jpeg(120, 80) + b"trailing\xff\x00bytes"):
+        stored = process_image(data, max_pixels=MAX_PIXELS)
+        assert stored.unchanged and stored.data == data and (stored.width, stored.height) == (120, 80)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from crawl import manifest as mf
 from crawl.crawler import LOCK_FILE, CrawlBusy, CrawlConfig, crawl
 from tests import crawl_samples as samples
 from tests.http_server import gated, sequence, stall, static, status
@@ -177,10 +178,9 @@ def _stored_files(out_dir: Path) -> int:
     return len([p for p in images.iterdir() if not p.name.startswith(".")]) if images.is_dir() else 0
 
 
-def _manifest_rows(out_dir: Path) -> int:
-    """Rows of manifest.csv, 0 before its first write (it is replaced atomically, never seen half written)."""
-    path = out_dir / "manifest.csv"
-    return len(pd.read_csv(path)) if path.exists() else 0
+def _rows_on_record(out_dir: Path) -> int:
+    """Stored rows on record (manifest.csv and the journal a running crawl appends to), 0 before the first."""
+    return len(mf.read_stored_rows(out_dir))
 
 
 def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, http_server):
@@ -198,7 +198,7 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, h
         process = _start_crawl(list_path, out, "--checkpoint-every", checkpoint, "--timeout", "60")
         _wait_until(lambda count=kill_after: _stored_files(out) >= count, process, f"{kill_after} stored files")
         if checkpoint == "0.05":
-            _wait_until(lambda: _manifest_rows(out) >= 4, process, "4 manifest rows on record before the kill")
+            _wait_until(lambda: _rows_on_record(out) >= 4, process, "4 rows on record before the kill")
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=HANG_LIMIT) == -signal.SIGKILL
         process.communicate()
@@ -232,6 +232,39 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, h
         if name in hits_when_on_disk:
             assert hits_after_resume[k] == hits_when_on_disk[name], k
     assert sum(hits_after_resume.values()) <= n + 2 * 4  # at most one worker pool's worth lost per kill
+
+
+def test_kill_9_leaves_a_journal_of_stored_rows_that_the_rerun_trusts_and_compacts(tmp_path, http_server):
+    n = 12
+    gate = threading.Event()
+    held = http_server.route("/gate.jpg", gated(gate, static(samples.jpeg(60, 40, seed=600))))
+    list_path = make_list(tmp_path, http_server, n, extra={"gate": held})
+    out = tmp_path / "out"
+    process = _start_crawl(list_path, out, "--checkpoint-every", "0.05", "--timeout", "60")
+    _wait_until(lambda: _rows_on_record(out) >= n, process, f"{n} rows on record")
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=HANG_LIMIT) == -signal.SIGKILL
+    process.communicate()
+
+    # Each checkpoint appended only what was new: one header and one line per stored image, each naming its file.
+    assert not (out / "manifest.csv").exists()
+    lines = (out / mf.JOURNAL_FILE).read_text().splitlines()
+    assert len(lines) == 1 + n and json.loads(lines[0])["format"] == "crawl manifest journal"
+    journaled = mf.read_journal(out)
+    assert sorted(row.id for row in journaled) == sorted(f"img{k}" for k in range(n))
+    for row in journaled:
+        assert hashlib.sha256((out / row.path).read_bytes()).hexdigest() == row.sha256
+    with open(out / mf.JOURNAL_FILE, "ab") as handle:
+        handle.write(b'["img0", "images/img0-')  # as if the kill had come in the middle of an append
+
+    gate.set()
+    summary = crawl(config(list_path, out))
+    assert (summary["downloaded"], summary["already_stored"], summary["failed"]) == (1, n, 0)
+    assert [http_server.hits(f"/img/{k}.jpg") for k in range(n)] == [1] * n
+    assert not (out / mf.JOURNAL_FILE).exists()
+    reference = tmp_path / "reference"
+    crawl(config(list_path, reference))
+    assert (out / "manifest.csv").read_bytes() == (reference / "manifest.csv").read_bytes()
 
 
 def test_ctrl_c_exits_130_records_what_is_stored_and_a_rerun_retries_the_rest(tmp_path, http_server):

@@ -193,36 +193,60 @@ def test_a_frozen_batchnorm_keeps_its_statistics_during_fit():
 
 
 _EMPTY_REPLICA_BATCH = """
+import sys
 import tensorflow as tf
+from tensorflow.python.util import _pywrap_util_port
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, numpy as np
+import keras
+from train.data import make_dataset
+folder = sys.argv[1]
+for i in range(10):
+    tf.io.write_file(f"{folder}/{i}.png", tf.io.encode_png(tf.fill([12, 12, 3], tf.constant(20 * i, tf.uint8))))
+print("onednn", _pywrap_util_port.IsMklEnabled())
+print("empty batch conv", tuple(tf.nn.conv2d(tf.zeros((0, 8, 8, 3)), tf.zeros((3, 3, 3, 4)), 1, "VALID").shape))
 with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inputs))
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)))
-for n in (10, 9):  # batches of 8: the last one holds 2 images (one per replica), then 1 (one replica gets none)
-    ds = tf.data.Dataset.from_tensor_slices(np.zeros((n, 8, 8, 3), np.float32)).batch(8)
+# Batches of 8: the last one holds 2 images (one per replica), or 1 (one replica gets none), or 1 padded to 2.
+for n, pad in ((10, 1), (9, 1), (9, 2)):
+    paths = [f"{folder}/{i}.png" for i in range(n)]
+    ds = make_dataset(paths, None, image_size=8, preprocessing="inception", batch_size=8, training=False,
+                      pad_to_multiple=pad)
     try:
-        print(n, "ok", model.predict(ds, verbose=0).shape[0])
+        print(n, pad, "ok", model.predict(ds, verbose=0).shape[0])
     except Exception as err:
-        print(n, "fails", type(err).__name__)
+        print(n, pad, "fails", type(err).__name__, "Incompatible shapes" in str(err))
 """
 
 
-def test_mirrored_predict_fails_when_a_replica_gets_no_image_of_the_last_batch():
+def test_mirrored_predict_fails_when_a_replica_gets_no_image_of_the_last_batch(tmp_path):
     """Why train.data.make_dataset(pad_to_multiple=replicas) pads the last validation batch.
 
-    With 2 replicas, a last batch of one image leaves one replica an empty batch, and MirroredStrategy's predict
-    fails on it (InvalidArgumentError) in TensorFlow 2.21 / Keras 3.15.
+    With 2 replicas, a last evaluation batch of one image leaves one replica an empty batch (tf.distribute hands it
+    a 0-row dummy). Whether predict then fails depends on one thing only, TensorFlow's oneDNN CPU kernels, not on
+    timing, load or tf.data options: oneDNN's Conv2D returns a 0-row batch unchanged (shape [0, 8, 8, 3] instead of
+    [0, 6, 6, 4]), so the next layer fails with InvalidArgumentError "Incompatible shapes". TensorFlow 2.21 turns
+    oneDNN on by default only on x86 CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX (recent Intel Xeons; also
+    Arm Neoverse V1; the machine of the run that added this test printed "oneDNN custom operations are on",
+    tests/test_cli.py), and TF_ENABLE_ONEDNN_OPTS=1/0 overrides that. Without oneDNN (an AMD EPYC by default) the
+    same predict returns 9 rows. So the pin forces oneDNN on and uses the evaluation batches as make_dataset builds
+    them (pipeline_options included): it fails as soon as TensorFlow predicts such a batch, and the padding may then
+    be removable.
     """
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
-    result = subprocess.run([sys.executable, "-c", _EMPTY_REPLICA_BATCH], capture_output=True, text=True, timeout=300)
-    lines = [line for line in result.stdout.splitlines() if line[:2] in ("10", "9 ")]
-    assert lines[0] == "10 ok 10", result.stdout + result.stderr
-    assert lines[1] == "9 fails InvalidArgumentError", (
-        f"{lines[1]!r}: TensorFlow now predicts a last batch smaller than the replica count; the padding in "
-        "train.data.make_dataset (pad_to_multiple) may be removable"
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}
+    result = subprocess.run([sys.executable, "-c", _EMPTY_REPLICA_BATCH, str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1])
+    lines = [line for line in result.stdout.splitlines() if line.split(" ")[0] in ("onednn", "empty", "10", "9")]
+    assert lines[:3] == ["onednn True", "empty batch conv (0, 8, 8, 3)", "10 1 ok 10"], result.stdout + result.stderr
+    assert lines[3] == "9 1 fails InvalidArgumentError True", (
+        f"{lines[3]!r}: TensorFlow (with oneDNN) now predicts a last batch smaller than the replica count; the "
+        "padding in train.data.make_dataset (pad_to_multiple) may be removable"
     )
+    assert lines[4:] == ["9 2 ok 10"]  # the padding: both replicas get an image, the padding row is predicted too

@@ -75,3 +75,29 @@ def test_an_unusable_manifest_or_summary_reads_as_nothing(tmp_path):
 
 def test_image_paths_are_relative_posix_under_images():
     assert mf.image_path("a-1f", ".png") == "images/a-1f.png"
+
+
+def test_the_journal_appends_rows_skips_a_cut_line_and_goes_once_the_manifest_is_written(tmp_path):
+    mf.write_manifest(tmp_path, STORED[:1], CLASSES)
+    journal = mf.ManifestJournal(tmp_path)
+    moved = mf.ManifestRow(id="a", path="images/a2.jpg", url="http://h/a2.jpg", sha256="1" * 64, width=3, height=4)
+    assert journal.append([moved]) == 1 and journal.append([]) == 0
+    journal.close()
+    with open(tmp_path / mf.JOURNAL_FILE, "ab") as handle:
+        handle.write(b'["cut", "images/cu')  # a kill in the middle of an append
+    journal = mf.ManifestJournal(tmp_path)
+    journal.append([STORED[1]])
+    journal.close()
+    lines = (tmp_path / mf.JOURNAL_FILE).read_text().splitlines()
+    assert json.loads(lines[0]) == {"format": "crawl manifest journal", "version": 1, "columns": mf.MANIFEST_COLUMNS}
+    assert lines[1:] == [
+        '["a", "images/a2.jpg", "http://h/a2.jpg", "' + "1" * 64 + '", 3, 4]',
+        '["cut", "images/cu',
+        '["b,\\"2\\"", "images/b.png", "http://h/b?x=1,2", "' + "f" * 64 + '", 8, 9]',
+    ]
+    unlabelled = mf.ManifestRow(**{**STORED[1].__dict__, "labels": ()})
+    assert mf.read_journal(tmp_path) == [moved, unlabelled]
+    assert mf.read_stored_rows(tmp_path) == {"a": moved, 'b,"2"': unlabelled}  # the journal is newer
+    mf.write_manifest(tmp_path, STORED, CLASSES)
+    assert not (tmp_path / mf.JOURNAL_FILE).exists()
+    assert mf.read_stored_rows(tmp_path) == {r.id: mf.ManifestRow(**{**r.__dict__, "labels": ()}) for r in STORED}

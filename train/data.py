@@ -306,7 +306,8 @@ def make_dataset(
 
     `pad_to_multiple` (evaluation only): a batch whose size is not a multiple of it (with a batch size that is one:
     only the last batch) gets zero images (and zero labels) appended up to one, so that a MirroredStrategy with that
-    many replicas never hands a replica an empty batch (TensorFlow fails on one: tests/test_keras_workarounds.py).
+    many replicas never hands a replica an empty batch (TensorFlow's oneDNN CPU kernels fail on one:
+    tests/test_keras_workarounds.py).
     The padding rows come last; the caller drops the predictions past the readable images (SkipLog.delivered()).
 
     `shard` (training with an `epoch`, multi-worker): this input pipeline reads only its positions of each epoch's
