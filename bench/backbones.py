@@ -21,7 +21,7 @@ Resumable: a finished RUN_DIR (or k-fold folder) is reused, a killed one resumed
 can be run again in a later session to add the rows still missing. Each row's test figures are kept in
 --work/scores/SPEC.json with the sha256 of its model file(s) and of the test manifest, and reused while both are
 unchanged (`--rescore` measures them again, prediction speed included). `--no-train` only scores what has finished and
-lists the rest as not measured. `--reuse RUNS` takes the transfer-bce rows of the reference backbones from another
+lists the rest as not measured. `--reuse RUNS` takes the transfer-bce rows that --work has not finished from another
 folder of finished RUN_DIRs (e.g. the demo's `demo_out/runs`) when their settings are the bench's (replicas aside).
 
     python -m bench.backbones [--work bench_out/backbones] [--rows SPEC,...] [--train DATA_DIR] [--test DATA_DIR]
@@ -287,8 +287,9 @@ def run_benchmark(config: BackbonesBenchConfig) -> dict:
     strategy = make_strategy(config.devices) if config.train else None  # before any other TF op
     scored, missing = [], []
     for row in rows:
-        reused = reusable(config, row)
-        path = reused or Path(config.work).resolve() / row.spec
+        own = Path(config.work).resolve() / row.spec
+        reused = None if finished(row, own) else reusable(config, row)  # the bench's own run comes first
+        path = reused or own
         if not finished(row, path):
             if not config.train:
                 missing.append(row.spec)

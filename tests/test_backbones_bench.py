@@ -107,6 +107,12 @@ def tiny_bench(tmp_path_factory):
         assert main(["--work", str(other), "--rows", TINY, "--reuse", str(work), "--no-train",
                      "--json", str(root / "reused.json"), *argv]) == 0
     outputs.append((None, json.loads((root / "reused.json").read_text())))
+    shutil.copytree(work / TINY, root / "copy" / TINY)  # a reusable copy: --work's own finished run still wins
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["--work", str(work), "--rows", TINY, "--reuse", str(root / "copy"), "--no-train",
+                     "--json", str(root / "own.json"), *argv]) == 0
+    outputs.append((buffer.getvalue(), json.loads((root / "own.json").read_text())))
     yield work, train_dir, test_dir, outputs
     registry.BACKBONES.pop(TINY, None)
 
@@ -146,20 +152,32 @@ def test_rows_are_the_runs_files_and_predict_evaluates_figures(tiny_bench):
             assert r[key] == pytest.approx(report["f2"], abs=1e-6)
 
 
-def test_markdown_and_csv_hold_the_same_figures(tiny_bench):
-    work, _, _, outputs = tiny_bench
-    stdout, result = outputs[1]  # the last call that wrote into `work` (the --no-train one)
-    csv = pd.read_csv(work / TABLE_CSV)
-    assert _table_rows((work / TABLE_MD).read_text()) == _table_rows(stdout)
-    for printed, r, (_, c) in zip(_table_rows(stdout), result["rows"], csv.iterrows(), strict=True):
+def _assert_table_is(printed_rows: list[list[str]], rows: list[dict]):
+    """Printed table rows are the figures, rounded as COLUMNS says."""
+    assert len(printed_rows) == len(rows)
+    for printed, r in zip(printed_rows, rows, strict=True):
         for text, (key, _, fmt) in zip(printed, COLUMNS, strict=True):
             if fmt == "s":
-                assert text == r[key] == c[key]
+                assert text == r[key]
             elif fmt == "d":
-                assert int(text) == r[key] == c[key]
+                assert int(text) == r[key]
             else:
                 _assert_cell(text, r[key], 1e6 if fmt == "params" else 1.0)
-                assert c[key] == pytest.approx(r[key])
+
+
+def test_markdown_and_csv_hold_the_same_figures(tiny_bench):
+    work, _, _, outputs = tiny_bench
+    for stdout, result in outputs[:2]:
+        _assert_table_is(_table_rows(stdout), result["rows"])
+    # The files of the last call into `work` (one row): the Markdown rounds the CSV's unrounded figures.
+    stdout, result = outputs[3]
+    csv = pd.read_csv(work / TABLE_CSV).fillna("")
+    _assert_table_is(_table_rows((work / TABLE_MD).read_text()), result["rows"])
+    assert _table_rows((work / TABLE_MD).read_text()) == _table_rows(stdout)
+    assert len(csv) == len(result["rows"])
+    for (_, c), r in zip(csv.iterrows(), result["rows"], strict=True):
+        for key, _, fmt in COLUMNS:
+            assert c[key] == (pytest.approx(r[key]) if fmt not in ("s", "d") else r[key]), key
 
 
 def test_second_call_trains_nothing_and_lists_the_missing_row(tiny_bench):
@@ -188,6 +206,8 @@ def test_reuse_takes_a_finished_run_with_the_same_settings(tiny_bench):
     (row,) = reused["rows"]
     assert row["reused_from"] == row["run_dir"] == str((work / TINY).resolve())
     assert row["map"] == outputs[0][1]["rows"][0]["map"]
+    # A row --work has finished itself is its own, --reuse or not.
+    assert [r["reused_from"] for r in outputs[3][1]["rows"]] == [""]
 
 
 def test_reuse_refuses_a_run_with_another_schedule(tiny_bench, tmp_path):
