@@ -83,6 +83,9 @@ def serving_model(run: Run) -> keras.Model:
 
 def check_exportable(run: Run, fmt: str) -> None:
     """PredictError naming the format and the reason when `fmt` cannot hold this run's model."""
+    if run.folds:  # a k-fold folder: its record and fingerprints are per fold, there is no one model.keras to cite
+        raise PredictError(f"{run.path}: a k-fold folder is not exported as one model; export its folds (fold_<i>) "
+                           "one by one")
     reason = UNSUPPORTED.get((fmt, run.head))
     if reason:
         raise PredictError(f"{run.path}: cannot export an {run.head}-head run as {fmt}: {reason}")

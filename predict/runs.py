@@ -9,6 +9,11 @@ probabilities, or the rnn head's decoder scores (train.rnn_head, imported here s
 Each loaded run scores batches with an engine (`predict.engines`): `load_run(path, engine=..., precision=...,
 beam=...)` records the choice and `Run.scorer` builds the scorer on first use (exporting the run into its cache for
 openvino and onnx), so `with_beam` before any scoring costs no export.
+
+A k-fold folder (train/kfold_dir.py) loads as one Run: its model is the mean of its folds' models (one Keras model,
+so every consumer of `Run.model` works unchanged), its tuned thresholds are those tuned on the out-of-fold
+predictions (kfold.json), and in an ensemble it counts as one member. It
+scores with the keras engine only (a k-fold folder has no model.keras of its own to export).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 
 from predict import engines
 from predict.errors import PredictError
-from train import rnn_head, rundir  # rnn_head registers TagDecoder, which an rnn run's model.keras holds
+from train import kfold_dir, rnn_head, rundir  # rnn_head registers TagDecoder, which an rnn run's model.keras holds
 from train.preprocess import PREPROCESSING
 from train.rundir import CLASSES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunDirError, RunRecord
 
@@ -42,10 +47,17 @@ class Run:
     beam: int = 1  # rnn runs: the decoder's beam width (1: greedy, the saved model itself)
     model_sha256: str | None = None  # model.keras's sha256 as loaded (taken before loading for the export engines)
     _scorers: dict = field(init=False, default_factory=dict, repr=False, compare=False)  # built on first use
+    # A k-fold folder's folds (each a loaded RUN_DIR); `model` is then their mean and `metrics` its kfold.json.
+    folds: tuple[Run, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def metrics_path(self) -> Path:
+        """Where the thresholds and training figures come from: metrics.json, or a k-fold folder's kfold.json."""
+        return self.path / (kfold_dir.KFOLD_FILE if self.folds else METRICS_FILE)
 
     @property
     def scorer(self) -> engines.KerasScorer | engines.OnnxScorer | engines.OpenVINOScorer:
@@ -80,6 +92,10 @@ class Run:
             return self
         if self.head != "rnn":
             raise PredictError(f"--beam {beam}: {self.path} is a {self.head}-head run; beam search is for rnn runs")
+        if self.folds:
+            folds = tuple(fold.with_beam(beam) for fold in self.folds)
+            return dataclasses.replace(self, folds=folds, beam=beam,
+                                       model=fold_mean([f.model for f in folds], self.image_size))
         return dataclasses.replace(self, model=rnn_head.with_beam(self.model, beam), beam=beam)
 
     @property
@@ -101,8 +117,9 @@ class Run:
 
     @property
     def tuned_thresholds(self) -> np.ndarray:
-        """Per-class thresholds tuned on validation (metrics.json's thresholds), in class order."""
-        path = self.path / METRICS_FILE
+        """Per-class thresholds tuned on validation (metrics.json's thresholds; a k-fold folder's are tuned on its
+        out-of-fold predictions, kfold.json's), in class order."""
+        path = self.metrics_path
         if self.metrics is None:
             raise PredictError(f"{path}: not found; --threshold tuned needs the thresholds training stores there")
         stored = self.metrics.get("thresholds")
@@ -121,7 +138,8 @@ def load_run(
     precision: str = engines.DEFAULT_PRECISION,
     beam: int = 1,
 ) -> Run:
-    """Read and check a RUN_DIR; raises PredictError naming the file at fault.
+    """Read and check a RUN_DIR, or a k-fold folder as one Run (`load_kfold`); raises PredictError naming the
+    file at fault.
 
     `engine` and `precision` (`predict.engines`; taken as checked: the configs' `resolve()` checks them) choose what
     scores its batches; `beam` > 1 makes an rnn run decode with a beam (PredictError for a sigmoid run).
@@ -129,6 +147,13 @@ def load_run(
     path = Path(path)
     if not path.is_dir():
         raise PredictError(f"{path}: not a RUN_DIR (no such directory)")
+    if kfold_dir.is_kfold_dir(path):
+        if engine != "keras":
+            raise PredictError(
+                f"--engine {engine}: {path} is a k-fold folder, which predicts with the keras engine only (it has no "
+                "model.keras of its own to export); use --engine keras, or a single fold's RUN_DIR"
+            )
+        return load_kfold(path).with_beam(beam)
     try:
         config = rundir.read_config(path)
         classes = rundir.read_classes(path)
@@ -168,6 +193,47 @@ def load_run(
     run = Run(path=path, config=config, classes=classes, metrics=metrics, model=model, engine=engine,
               precision=precision, model_sha256=digest)
     return run.with_beam(beam)
+
+
+def fold_mean(models: Sequence[keras.Model], image_size: int) -> keras.Model:
+    """One Keras model whose output is the mean of `models`' outputs (each renamed fold_<i>: Keras wants unique
+    names, and every fold model carries its run's)."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"fold_{i}")(inputs) for i, m in enumerate(models)]
+    mean = keras.layers.Average(name="fold_mean", dtype="float32")(outputs)
+    return keras.Model(inputs, mean, name="kfold_mean")
+
+
+def load_kfold(path: str | Path) -> Run:
+    """A finished k-fold folder as one Run: the mean of its folds' models, the thresholds tuned on its out-of-fold
+    predictions, the folds' mean class prevalence. PredictError when a fold is unfinished or the folds differ."""
+    path = Path(path)
+    try:
+        summary = kfold_dir.read_summary(path)
+    except RunDirError as err:
+        unfinished = [p.name for p in kfold_dir.fold_dirs(path) if not kfold_dir.fold_finished(p)]
+        hint = f" (unfinished: {', '.join(unfinished)})" if unfinished else ""
+        raise PredictError(f"{err}{hint}; finish it with `python -m train ... --folds K --out {path}`") from None
+    folds = []
+    for i in range(summary["folds"]):
+        fold_path = kfold_dir.fold_dir(path, i)
+        if not kfold_dir.fold_finished(fold_path):
+            raise PredictError(f"{fold_path}: fold {i} of the k-fold folder {path} is not a finished run")
+        folds.append(load_run(fold_path))
+    first = folds[0]
+    for fold in folds[1:]:
+        differs = [what for what, a, b in (("classes", first.classes, fold.classes), ("head", first.head, fold.head),
+                                           ("backbone", first.config.backbone, fold.config.backbone),
+                                           ("image size", first.image_size, fold.image_size)) if a != b]
+        if differs:
+            raise PredictError(f"{fold.path}: its {differs[0]} differ from {first.path}'s; the folds of {path} are "
+                               "not one k-fold run")
+    if first.classes != list(summary["classes"]):
+        raise PredictError(f"{path / kfold_dir.KFOLD_FILE}: its classes differ from the folds' ({first.classes})")
+    prevalence = np.mean([fold.class_prevalence for fold in folds], axis=0)
+    config = dataclasses.replace(first.config, class_prevalence=tuple(float(p) for p in prevalence))
+    return Run(path=path, config=config, classes=first.classes, metrics=summary,
+               model=fold_mean([fold.model for fold in folds], first.image_size), folds=tuple(folds))
 
 
 def load_runs(

@@ -249,9 +249,9 @@ def test_cli_defaults_are_the_documented_recipe(tmp_path):
     config = parse_args([str(tmp_path), "--backbone", "xception", "--out", str(tmp_path / "run")])
     recipe = {"lr": 1e-4, "finetune_lr": 1e-5, "frozen_epochs": 10, "epochs": 20, "unfreeze": 0.3, "dropout": 0.5,
               "batch_size": 96, "l2": 0.0, "weights": "imagenet", "augment": ("flip", "translate", "rotate"),
-              "seed": 0, "mixed_precision": False, "cache": None, "devices": None, "val": None}
-    assert {k: getattr(config, k) for k in recipe} == recipe
-    resolved = config.resolve()
+              "seed": 0, "mixed_precision": False, "cache": None, "devices": None, "val": None, "recipe": "transfer"}
+    resolved = config.resolve()  # the transfer recipe's stage settings and weights are filled in when resolving
+    assert {k: getattr(resolved, k) for k in recipe} == recipe
     assert (resolved.image_size, resolved.val_split) == (299, 0.1)  # the backbone's size; a tenth for validation
     assert parse_args([str(tmp_path), "--backbone", "resnet50", "--out", "r"]).resolve().image_size == 224
 

@@ -1,5 +1,8 @@
 """`python -m train DATA_DIR --backbone NAME --out RUN_DIR [...]`: fine-tune a backbone into a RUN_DIR.
 
+With `--folds K` (and optionally `--fold I`), `--out` is a k-fold folder: one RUN_DIR per fold (`fold_0` ...), and
+once all exist the out-of-fold predictions and their summary (train.kfold).
+
 Exit status: 0 done (or already done), 1 training diverged (NaN loss; the best model so far is kept), 2 bad
 arguments, data, weights or RUN_DIR.
 """
@@ -14,7 +17,16 @@ from common.tf_logging import quiet_tensorflow_startup
 
 quiet_tensorflow_startup()  # before the first TensorFlow import below
 
-from train.config import HEADS, LABEL_ORDERS, LOSSES, RNN_CELLS, TrainConfig
+from train.config import (
+    DEFAULT_WARMUP_EPOCHS,
+    HEADS,
+    LABEL_ORDERS,
+    LOSSES,
+    RECIPES,
+    RNN_CELLS,
+    TRANSFER_DEFAULTS,
+    TrainConfig,
+)
 
 _DEFAULTS = TrainConfig(data_dir=Path("."), backbone="", out=Path("."))
 
@@ -27,24 +39,33 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR", help="labelled DATA_DIR written by `python -m crawl`")
     p.add_argument("--backbone", required=True, choices=sorted(BACKBONES), help="registry name of the backbone")
-    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="where the model and records go")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR",
+                   help="where the model and records go (with --folds: the k-fold folder holding fold_0, ...)")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val", type=Path, metavar="DATA_DIR", help="validation DATA_DIR (same classes)")
     val.add_argument("--val-split", type=float, metavar="F", help="stratified validation fraction (default 0.1)")
     p.add_argument("--image-size", type=int, metavar="N", help="input size in pixels (default: the backbone's, 299)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch (default {d.batch_size})")
-    p.add_argument("--frozen-epochs", type=int, default=d.frozen_epochs,
-                   help=f"stage 1 epochs (default {d.frozen_epochs})")
+    p.add_argument("--frozen-epochs", type=int,
+                   help=f"transfer: stage 1 epochs (default {TRANSFER_DEFAULTS['frozen_epochs']})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"last epoch, both stages (default {d.epochs})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"stage 1 Adam learning rate (default {d.lr})")
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
-                   help=f"stage 2 learning rate (default {d.finetune_lr})")
-    p.add_argument("--unfreeze", type=float, default=d.unfreeze,
-                   help=f"top fraction of backbone layers trained in stage 2 (default {d.unfreeze})")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help=f"transfer: stage 1 Adam learning rate; scratch: the schedule's peak (default {d.lr})")
+    p.add_argument("--finetune-lr", type=float,
+                   help=f"transfer: stage 2 learning rate (default {TRANSFER_DEFAULTS['finetune_lr']})")
+    p.add_argument("--unfreeze", type=float,
+                   help=f"transfer: top fraction of backbone layers trained in stage 2 "
+                        f"(default {TRANSFER_DEFAULTS['unfreeze']})")
+    p.add_argument("--recipe", default=d.recipe, choices=RECIPES,
+                   help="transfer: two stages, frozen backbone then its top layers (default); scratch: every layer "
+                        "from the first epoch, BatchNormalization training, Adam with warm-up and cosine decay")
+    p.add_argument("--warmup-epochs", type=int, metavar="N",
+                   help=f"scratch: epochs of linear warm-up to --lr (default {DEFAULT_WARMUP_EPOCHS}; "
+                        "0 with --epochs 1)")
     p.add_argument("--dropout", type=float, default=d.dropout, help=f"head dropout (default {d.dropout})")
     p.add_argument("--l2", type=float, default=d.l2, help=f"L2 on the head's kernel (default {d.l2})")
-    p.add_argument("--weights", default=d.weights, metavar="imagenet|none|PATH",
-                   help="backbone weights (default imagenet)")
+    p.add_argument("--weights", metavar="imagenet|none|PATH",
+                   help="backbone weights (default imagenet; none with --recipe scratch)")
     p.add_argument("--augment", default=",".join(d.augment),
                    help="flip,translate,rotate,rot90 or none (default %(default)s)")
     p.add_argument("--devices", type=int, metavar="N", help="replicas: the first N GPUs, or N logical CPU devices")
@@ -61,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--label-order", default=d.label_order, choices=LABEL_ORDERS,
                    help="order of an image's classes in its rnn training sequence: by training prevalence "
                         "(frequent, the default; ties by class index), rare first, or class index")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="k-fold: K stratified folds, each a RUN_DIR under --out (excludes --val and --val-split)")
+    p.add_argument("--fold", type=int, metavar="I", help="k-fold: train only fold I (0..K-1); default all in order")
     _add_loss_arguments(p)
     a = p.parse_args(argv)
     return TrainConfig(
@@ -69,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         lr=a.lr, finetune_lr=a.finetune_lr, unfreeze=a.unfreeze, dropout=a.dropout, l2=a.l2, weights=a.weights,
         augment=tuple(a.augment.split(",")), devices=a.devices, mixed_precision=a.mixed_precision,
         cache=a.cache, seed=a.seed, head=a.head, rnn_cell=a.rnn_cell, rnn_units=a.rnn_units,
-        label_embedding=a.label_embedding, label_order=a.label_order,
+        label_embedding=a.label_embedding, label_order=a.label_order, recipe=a.recipe,
+        warmup_epochs=a.warmup_epochs, folds=a.folds, fold=a.fold,
         **_loss_settings(a),
     )
 
@@ -103,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cluster is not None and config.folds is not None:
+        print("error: --folds is not supported under a multi-worker TF_CONFIG; train the folds one per machine "
+              "without TF_CONFIG (--folds K --fold I), the last one writes the out-of-fold summary", file=sys.stderr)
+        return 2
     if cluster is not None:
         return main_worker(config, cluster)
     # Logical CPU devices must exist before TensorFlow starts its runtime: set them up before anything else.
@@ -118,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     from train.backbones import WeightsError
     from train.config import ConfigError
     from train.fit import TrainingDiverged, train
+    from train.kfold import train_kfold
 
     try:
-        train(config, strategy=strategy)
+        if config.folds is not None:
+            train_kfold(config, strategy=strategy)
+        else:
+            train(config, strategy=strategy)
     except (ConfigError, DataDirError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,12 @@ from train.rnn_head import CELLS as RNN_CELLS
 from train.rnn_head import LABEL_ORDERS
 
 HEADS = ("sigmoid", "rnn")
+RECIPES = ("transfer", "scratch")
+# The transfer recipe's two-stage settings: TrainConfig leaves them None so that resolve() can tell a value given on
+# purpose (refused with --recipe scratch, which has one stage) from the default filled in here.
+TRANSFER_DEFAULTS = {"frozen_epochs": 10, "finetune_lr": 1e-5, "unfreeze": 0.3}
+DEFAULT_WEIGHTS = {"transfer": "imagenet", "scratch": "none"}
+DEFAULT_WARMUP_EPOCHS = 1  # scratch: epochs of linear warm-up to --lr before the cosine decay (0 with --epochs 1)
 
 # Settings that may differ when a killed run is resumed: they change how it runs, not what it learns.
 RUNTIME_SETTINGS = ("devices", "cache")
@@ -33,14 +39,14 @@ class TrainConfig:
     val_split: float | None = None  # defaults to 0.1 when `val` is not given
     image_size: int | None = None  # defaults to the backbone's native size
     batch_size: int = 96  # global batch, over all replicas
-    frozen_epochs: int = 10
+    frozen_epochs: int | None = None  # transfer: 10 (TRANSFER_DEFAULTS); scratch: not applicable (None)
     epochs: int = 20
-    lr: float = 1e-4
-    finetune_lr: float = 1e-5
-    unfreeze: float = 0.3
+    lr: float = 1e-4  # transfer: stage 1's learning rate; scratch: the peak of the warm-up and cosine schedule
+    finetune_lr: float | None = None  # transfer: 1e-5; scratch: None
+    unfreeze: float | None = None  # transfer: 0.3; scratch: None
     dropout: float = 0.5
     l2: float = 0.0
-    weights: str = "imagenet"  # "imagenet", "none" or a path to a weights file for the backbone
+    weights: str | None = None  # "imagenet", "none" or a path; defaults to imagenet (transfer) or none (scratch)
     augment: tuple[str, ...] = field(default=DEFAULT_AUGMENT)
     devices: int | None = None
     mixed_precision: bool = False
@@ -51,6 +57,10 @@ class TrainConfig:
     rnn_units: int = 512
     label_embedding: int = 64
     label_order: str = "frequent"  # the order of an image's classes in its training sequence
+    recipe: str = "transfer"  # "transfer" (two stages) or "scratch" (every layer from epoch 1, warm-up and cosine)
+    warmup_epochs: int | None = None  # scratch only: DEFAULT_WARMUP_EPOCHS
+    folds: int | None = None  # k-fold: the number of folds; each fold is a RUN_DIR fold_<i> under `out`
+    fold: int | None = None  # k-fold: the one fold to train (None: all, in order); set in each fold's own config
     loss: str = "bce"  # the sigmoid head's loss: bce, focal or asl (train.losses); the rnn head has its own
     focal_gamma: float = FOCAL_GAMMA  # --loss focal only, as the asl settings below are --loss asl only
     asl_gamma_pos: float = ASL_GAMMA_POS
@@ -66,7 +76,12 @@ class TrainConfig:
             raise ConfigError(str(err)) from None
         if self.val is not None and self.val_split is not None:
             raise ConfigError("give either --val DATA_DIR or --val-split, not both")
-        val_split = None if self.val is not None else (0.1 if self.val_split is None else float(self.val_split))
+        folds = self._checked_folds()
+        recipe = self._recipe_settings()
+        if folds:
+            val_split = None
+        else:
+            val_split = None if self.val is not None else (0.1 if self.val_split is None else float(self.val_split))
         if val_split is not None and not 0.0 < val_split < 1.0:
             raise ConfigError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
         size = self.image_size or backbone.input_size
@@ -75,15 +90,7 @@ class TrainConfig:
         checks = [
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (
-                0 <= self.frozen_epochs <= self.epochs,
-                f"--frozen-epochs must be between 0 and --epochs ({self.epochs}), got {self.frozen_epochs}",
-            ),
-            (
-                self.lr > 0 and self.finetune_lr > 0,
-                f"learning rates must be positive, got --lr {self.lr} --finetune-lr {self.finetune_lr}",
-            ),
-            (0.0 <= self.unfreeze <= 1.0, f"--unfreeze must be between 0 and 1, got {self.unfreeze}"),
+            *recipe.checks(self.epochs, self.lr),
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.l2 >= 0.0, f"--l2 must be non-negative, got {self.l2}"),
             (self.devices is None or self.devices >= 1, f"--devices must be at least 1, got {self.devices}"),
@@ -100,7 +107,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         self._check_loss()
-        weights = self.weights
+        weights = recipe.weights
         if weights not in ("imagenet", "none"):
             path = Path(weights).expanduser()
             if not path.is_file():
@@ -119,7 +126,59 @@ class TrainConfig:
             augment=augment,
             weights=weights,
             cache=cache,
+            frozen_epochs=recipe.frozen_epochs,
+            finetune_lr=recipe.finetune_lr,
+            unfreeze=recipe.unfreeze,
+            warmup_epochs=recipe.warmup_epochs,
         )
+
+    def _checked_folds(self) -> int | None:
+        """--folds and --fold checked (k-fold replaces --val/--val-split: each fold's held-out part validates it)."""
+        if self.folds is None:
+            if self.fold is not None:
+                raise ConfigError(f"--fold {self.fold} needs --folds K (the number of folds)")
+            return None
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
+            raise ConfigError(f"--folds must be an integer of at least 2, got {self.folds!r}")
+        if self.val is not None or self.val_split is not None:
+            given = "--val" if self.val is not None else "--val-split"
+            raise ConfigError(
+                f"--folds excludes {given}: in k-fold training each fold is validated on its own held-out part "
+                "(a 1/K of the training DATA_DIR); drop --val and --val-split"
+            )
+        if self.fold is not None and (isinstance(self.fold, bool) or not 0 <= self.fold < self.folds):
+            raise ConfigError(f"--fold must be between 0 and {self.folds - 1} (--folds {self.folds}), got {self.fold}")
+        return self.folds
+
+    def _recipe_settings(self) -> _RecipeSettings:
+        """The recipe's resolved stage settings and weights; ConfigError for a setting the recipe has no use for."""
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        weights = DEFAULT_WEIGHTS[self.recipe] if self.weights is None else self.weights
+        if self.recipe == "transfer":
+            if self.warmup_epochs is not None:
+                raise ConfigError(
+                    f"--warmup-epochs {self.warmup_epochs}: the warm-up belongs to --recipe scratch; the transfer "
+                    "recipe uses --lr and --finetune-lr as they are"
+                )
+            given = {k: getattr(self, k) for k in TRANSFER_DEFAULTS}
+            return _RecipeSettings(weights=weights, **{k: d if given[k] is None else given[k]
+                                                       for k, d in TRANSFER_DEFAULTS.items()})
+        conflicting = [f"--{k.replace('_', '-')} {getattr(self, k)}" for k in TRANSFER_DEFAULTS
+                       if getattr(self, k) is not None]
+        if conflicting:
+            raise ConfigError(
+                f"{', '.join(conflicting)}: not a setting of --recipe scratch, which trains every layer in one stage "
+                "from the first epoch with --lr as the peak of its warm-up and cosine schedule; drop "
+                f"{'it' if len(conflicting) == 1 else 'them'} (they belong to --recipe transfer)"
+            )
+        if weights != "none":
+            raise ConfigError(
+                f"--weights {weights} with --recipe scratch: scratch starts from random weights (--weights none); "
+                "to fine-tune ImageNet or file weights use --recipe transfer"
+            )
+        warmup = min(DEFAULT_WARMUP_EPOCHS, self.epochs - 1) if self.warmup_epochs is None else self.warmup_epochs
+        return _RecipeSettings(weights=weights, warmup_epochs=warmup)
 
     def _check_loss(self) -> None:
         """--loss and its settings: ranges, and each setting only with its own loss (so config.json's other values
@@ -159,4 +218,37 @@ class TrainConfig:
 
     @property
     def stage2_epochs(self) -> int:
-        return self.epochs - self.frozen_epochs
+        return self.epochs - (self.frozen_epochs or 0) if self.recipe == "transfer" else 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RecipeSettings:
+    """What a recipe resolves to: the two-stage settings (None for scratch), the warm-up (None for transfer), the
+    weights, and the range checks of those settings."""
+
+    weights: str
+    frozen_epochs: int | None = None
+    finetune_lr: float | None = None
+    unfreeze: float | None = None
+    warmup_epochs: int | None = None
+
+    def checks(self, epochs: int, lr: float) -> list[tuple[bool, str]]:
+        if self.warmup_epochs is not None:  # scratch
+            return [
+                (lr > 0, f"--lr must be positive, got {lr}"),
+                (
+                    0 <= self.warmup_epochs < epochs,
+                    f"--warmup-epochs must be between 0 and --epochs - 1 ({epochs - 1}), got {self.warmup_epochs}",
+                ),
+            ]
+        return [
+            (
+                0 <= self.frozen_epochs <= epochs,
+                f"--frozen-epochs must be between 0 and --epochs ({epochs}), got {self.frozen_epochs}",
+            ),
+            (
+                lr > 0 and self.finetune_lr > 0,
+                f"learning rates must be positive, got --lr {lr} --finetune-lr {self.finetune_lr}",
+            ),
+            (0.0 <= self.unfreeze <= 1.0, f"--unfreeze must be between 0 and 1, got {self.unfreeze}"),
+        ]

@@ -9,6 +9,10 @@ the last finished epoch and ends with the same RUN_DIR files as an uninterrupted
 
 With `--head rnn` the stages fit the teacher-forcing model of `train.rnn_head` (masked sequence loss, Adam with
 gradient clipping), while validation, model.keras and the final record use its tagger, which shares the weights.
+
+`--recipe scratch` replaces the two stages by one: every layer trains from the first epoch (BatchNormalization in
+training mode), Adam following `train.schedules`' warm-up and cosine decay to --epochs; history.csv records stage 1
+throughout. A fold of a k-fold run (`--folds K`, train.kfold) is such a run validated on its held-out part.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from train.config import ConfigError, TrainConfig
 from train.data import make_dataset
 from train.devices import has_gpu, make_strategy
 from train.epoch_monitor import EpochMonitor
-from train.keras_workarounds import clear_restored_epoch
+from train.keras_workarounds import EpochAlignedSteps, ReconcileReplicaStatistics, clear_restored_epoch
 from train.losses import training_loss
 from train.metrics import (
     binary_crossentropy,
@@ -42,12 +46,13 @@ from train.metrics import (
     per_class_average_precision,
     tune_thresholds,
 )
-from train.model import build_model, estimate_batchnorm_statistics, freeze_backbone, unfreeze_top
+from train.model import build_model, estimate_batchnorm_statistics, freeze_backbone, train_every_layer, unfreeze_top
 from train.plots import plot_curves
 from train.rnn_head import CLIPNORM, DecoderSpec, class_order, sequence_loss, training_model
 from train.run_state import Split, TrainingRun, run_dir_state
 from train.rundir import LOGS_DIR, MODEL_FILE, RunDirError, RunRecord
-from train.split import stratified_split
+from train.schedules import warmup_cosine
+from train.split import stratified_kfold, stratified_split
 
 __all__ = ["RunDirError", "Split", "TrainResult", "TrainingDiverged", "load_split", "run_record", "train"]
 
@@ -69,7 +74,8 @@ class TrainResult:
 
 
 def load_split(cfg: TrainConfig) -> Split:
-    """Read the training DATA_DIR and the validation images (--val DATA_DIR, or a stratified --val-split)."""
+    """Read the training DATA_DIR and the validation images (--val DATA_DIR, a stratified --val-split, or with
+    --folds the held-out part of --fold)."""
     data = read_data_dir(cfg.data_dir)
     if not data.labelled:
         raise DataDirError(f"{cfg.data_dir}: no classes.txt; training needs a labelled DATA_DIR")
@@ -87,7 +93,10 @@ def load_split(cfg: TrainConfig) -> Split:
             raise DataDirError(f"{cfg.val}: manifest.csv lists no images")
         return Split(data.classes, paths, labels, ids, val.image_paths(), val.labels(), list(val.manifest["id"]))
     try:
-        train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed)
+        if cfg.folds is not None:
+            train_idx, val_idx = stratified_kfold(labels, cfg.folds, cfg.seed)[cfg.fold]
+        else:
+            train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed)
     except ValueError as err:  # too few images for the fraction: a settings problem, exit 2 like the others
         raise ConfigError(f"{cfg.data_dir}: {err}") from None
     pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
@@ -138,9 +147,12 @@ def _decoder_spec(cfg: TrainConfig, split: Split) -> DecoderSpec | None:
                        allow_empty=_allow_empty(split))
 
 
-def _fit_stage(run: TrainingRun, model: keras.Model, stage: int, lr: float, first: int, last: int,
-               extra: Sequence[keras.callbacks.Callback]) -> None:
-    """Compile for `stage` and fit epochs first..last-1 (0-based), resuming from the stage's backup if any."""
+def _fit_stage(run: TrainingRun, model: keras.Model, stage: int,
+               lr: float | keras.optimizers.schedules.LearningRateSchedule, first: int, last: int,
+               extra: Sequence[keras.callbacks.Callback], ahead: Sequence[keras.callbacks.Callback] = ()) -> None:
+    """Compile for `stage` and fit epochs first..last-1 (0-based), resuming from the stage's backup if any.
+    `lr` is Adam's learning rate: a number, or a schedule of the optimizer's steps (the scratch recipe); `ahead` are
+    callbacks that run before the per-epoch record."""
     with run.strategy.scope():
         if run.cfg.head == "rnn":  # the training model's logits over the label sequences, gradients clipped
             model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr, clipnorm=CLIPNORM), loss=sequence_loss())
@@ -149,6 +161,7 @@ def _fit_stage(run: TrainingRun, model: keras.Model, stage: int, lr: float, firs
                           loss=training_loss(run.cfg.loss, **run.cfg.loss_settings()))
     clear_restored_epoch(model)  # a previous stage's restored epoch must not leak into this stage's fit()
     callbacks = [
+        *ahead,
         EpochMonitor(run, stage),
         keras.callbacks.BackupAndRestore(
             str(run.backup / f"stage{stage}"), double_checkpoint=True, delete_checkpoint=False
@@ -191,7 +204,8 @@ def _finalize(run: TrainingRun, params: int) -> TrainResult:
         "stopped_early": run.stop_reason,
     }
     rundir.write_metrics(out, metrics)
-    plot_curves(history, cfg.frozen_epochs, out / rundir.CURVES_FILE, title=f"{cfg.backbone} at {cfg.image_size} px")
+    plot_curves(history, cfg.frozen_epochs or 0, out / rundir.CURVES_FILE,
+                title=f"{cfg.backbone} at {cfg.image_size} px{' from scratch' if cfg.recipe == 'scratch' else ''}")
     shutil.rmtree(run.backup, ignore_errors=True)
     return TrainResult(out, metrics["best_epoch"], metrics["val_map"], metrics["epochs_trained"], run.stop_reason)
 
@@ -223,6 +237,17 @@ def _estimate_batchnorm(run: TrainingRun, backbone: keras.Model, max_images: int
     n = estimate_batchnorm_statistics(backbone, images)
     print(f"--weights none: BatchNormalization statistics of {n} layers estimated on {len(paths)} training images",
           flush=True)
+
+
+def _fit_scratch(run: TrainingRun, model: keras.Model, backbone: keras.Model,
+                 extra: Sequence[keras.callbacks.Callback]) -> None:
+    """The scratch recipe's one stage: every layer trains (BatchNormalization in training mode, so no statistics
+    are estimated first), Adam following the warm-up and cosine schedule from epoch 1 to --epochs."""
+    cfg = run.cfg
+    train_every_layer(backbone)
+    schedule = warmup_cosine(cfg.lr, cfg.epochs, cfg.warmup_epochs, len(run.split.train_paths), cfg.batch_size)
+    _fit_stage(run, model, stage=1, lr=schedule.keras_schedule(), first=0, last=cfg.epochs, extra=extra,
+               ahead=[EpochAlignedSteps(schedule.steps_per_epoch), ReconcileReplicaStatistics()])
 
 
 def _check_split(cfg: TrainConfig, split: Split) -> None:
@@ -304,6 +329,9 @@ def train(
     Raises ConfigError (bad settings or RUN_DIR), DataDirError, WeightsError, TrainingDiverged.
     """
     cfg = config.resolve()
+    if cfg.folds is not None and cfg.fold is None:
+        raise ConfigError("train() trains one RUN_DIR: give the fold (--fold), or train every fold with "
+                          "train.kfold.train_kfold")
     _quiet_retracing_notes()
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
@@ -327,18 +355,22 @@ def train(
         with strategy.scope():
             model, backbone = build_model(run.backbone, len(split.classes), image_size=cfg.image_size,
                                           weights=cfg.weights, dropout=cfg.dropout, l2=cfg.l2,
-                                          decoder=_decoder_spec(cfg, split))
+                                          decoder=_decoder_spec(cfg, split),
+                                          backbone_training=None if cfg.recipe == "scratch" else False)
             # The sigmoid model is fitted as it is; the rnn tagger through its teacher-forcing model.
             run.tagger = model
             fit_model = training_model(model) if cfg.head == "rnn" else model
-        if cfg.weights == "none":
+        transfer = cfg.recipe == "transfer"
+        if not transfer:  # scratch: one stage, every layer, no frozen backbone and no estimated statistics
+            _fit_scratch(run, fit_model, backbone, callbacks)
+        elif cfg.weights == "none":
             _estimate_batchnorm(run, backbone)
         # Stage 1: the backbone frozen, the head learns at --lr.
-        if cfg.frozen_epochs > 0:
+        if transfer and cfg.frozen_epochs > 0:
             freeze_backbone(backbone)
             _fit_stage(run, fit_model, stage=1, lr=cfg.lr, first=0, last=cfg.frozen_epochs, extra=callbacks)
         # Stage 2: the top --unfreeze of the backbone trains too (BatchNormalization stays frozen), at --finetune-lr.
-        if cfg.epochs > cfg.frozen_epochs and not run.stop_reason:
+        if transfer and cfg.epochs > cfg.frozen_epochs and not run.stop_reason:
             unfreeze_top(backbone, cfg.unfreeze)
             _fit_stage(run, fit_model, stage=2, lr=cfg.finetune_lr, first=cfg.frozen_epochs, last=cfg.epochs,
                        extra=callbacks)

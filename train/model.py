@@ -6,6 +6,10 @@ stage 2. BatchNormalization layers stay frozen (trainable=False) in both, and th
 mode with fixed moving statistics: the backbone is also called with training=False, as the keras-io
 transfer-learning recipe says, but in Keras 3.15 fit() overrides that for a nested model
 (tests/test_keras_workarounds.py pins both facts).
+
+The scratch recipe (`train_every_layer`) is the other way round: every backbone layer trains from the first epoch,
+BatchNormalization included, and the backbone is called without a fixed `training` flag, so fit() runs it in
+training mode (batch statistics, moving statistics updated) and prediction in inference mode.
 """
 
 from __future__ import annotations
@@ -27,15 +31,19 @@ def build_model(
     dropout: float,
     l2: float,
     decoder: DecoderSpec | None = None,
+    backbone_training: bool | None = False,
 ) -> tuple[keras.Model, keras.Model]:
     """The full model (preprocessed image -> one float32 score per class) and its backbone sub-model.
 
     Without `decoder` the head is a sigmoid Dense; with it, the rnn head's `TagDecoder` (the model returned is then
     the tagger; `train.rnn_head.training_model` gives the teacher-forcing model over the same layers).
+    `backbone_training` is the backbone call's `training` flag: False (transfer: inference mode) or None (scratch:
+    the mode of the call, training in fit() and inference in predict).
     """
     features_model = backbone.build(image_size, None if weights in (None, "none") else weights)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    features = features_model(inputs, training=False)  # inference mode; frozen BatchNormalization makes sure of it
+    # transfer: inference mode, which frozen BatchNormalization makes sure of; scratch: the caller's mode
+    features = features_model(inputs, training=backbone_training)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     if decoder is not None:
@@ -86,6 +94,14 @@ def estimate_batchnorm_statistics(backbone: keras.Model, images) -> int:
 def freeze_backbone(backbone: keras.Model) -> None:
     """Stage 1: no backbone weight is trainable."""
     backbone.trainable = False
+
+
+def train_every_layer(backbone: keras.Model) -> None:
+    """The scratch recipe: every backbone weight trainable, BatchNormalization's scale and offset included (its
+    moving statistics then follow the training batches). The model must be compiled afterwards."""
+    backbone.trainable = True
+    for layer in _walk(backbone):
+        layer.trainable = True
 
 
 def unfreeze_top(backbone: keras.Model, fraction: float) -> list[keras.layers.Layer]:

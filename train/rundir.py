@@ -11,6 +11,9 @@ A RUN_DIR is what `python -m train` leaves and `python -m predict` needs (docs/C
 - ``logs/`` (TensorBoard) and, while a run is unfinished, ``backup/`` (BackupAndRestore folders, progress.json);
 - ``engines/``: exports of model.keras that `python -m predict ... --engine openvino|onnx` made and reuses, one
   folder per engine and model.keras hash (`engine_cache_dir`); deleting it only costs a re-export.
+
+The k-fold folder (one such RUN_DIR per fold, with the out-of-fold predictions and their summary) is this format's
+sibling, owned by train/kfold_dir.py.
 """
 
 from __future__ import annotations
