@@ -129,6 +129,7 @@ def _assert_cell(text: str, value: float, scale: float = 1.0):
     assert abs(float(text) - value / scale) <= 0.5 * 10 ** -decimals + 1e-9, (text, value)
 
 
+@pytest.mark.slow  # trains two tiny runs (about a minute on a busy machine)
 def test_rows_are_the_runs_files_and_predict_evaluates_figures(tiny_bench):
     work, _, test_dir, outputs = tiny_bench
     rows = outputs[0][1]["rows"]
@@ -165,6 +166,7 @@ def _assert_table_is(printed_rows: list[list[str]], rows: list[dict]):
                 _assert_cell(text, r[key], 1e6 if fmt == "params" else 1.0)
 
 
+@pytest.mark.slow  # trains two tiny runs (about a minute on a busy machine)
 def test_markdown_and_csv_hold_the_same_figures(tiny_bench):
     work, _, _, outputs = tiny_bench
     for stdout, result in outputs[:2]:
@@ -180,6 +182,7 @@ def test_markdown_and_csv_hold_the_same_figures(tiny_bench):
             assert c[key] == (pytest.approx(r[key]) if fmt not in ("s", "d") else r[key]), key
 
 
+@pytest.mark.slow  # trains two tiny runs (about a minute on a busy machine)
 def test_second_call_trains_nothing_and_lists_the_missing_row(tiny_bench):
     work, _, test_dir, outputs = tiny_bench
     (_, first), (stdout1, second) = outputs[:2]
@@ -199,6 +202,7 @@ def test_second_call_trains_nothing_and_lists_the_missing_row(tiny_bench):
         assert kept["figures"]["images_per_second"] == a["predict_images_per_second"]
 
 
+@pytest.mark.slow  # trains two tiny runs (about a minute on a busy machine)
 def test_reuse_takes_a_finished_run_with_the_same_settings(tiny_bench):
     work, _, _, outputs = tiny_bench
     reused = outputs[2][1]
@@ -210,6 +214,7 @@ def test_reuse_takes_a_finished_run_with_the_same_settings(tiny_bench):
     assert [r["reused_from"] for r in outputs[3][1]["rows"]] == [""]
 
 
+@pytest.mark.slow  # trains two tiny runs (about a minute on a busy machine)
 def test_reuse_refuses_a_run_with_another_schedule(tiny_bench, tmp_path):
     work, train_dir, test_dir, _ = tiny_bench
     shutil.copytree(work / TINY, tmp_path / "runs" / TINY)
