@@ -18,7 +18,7 @@ import pytest
 
 from tests.datagen import make_data_dir
 from tests.test_train import RUN_FILES, assert_same_numbers
-from train import launch
+from train import launch, rundir
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Your input ran out of data")]
 
@@ -213,3 +213,24 @@ def test_workers_with_different_arguments_fail_fast_naming_the_difference(data, 
         assert code == 2
         assert "the workers disagree, so none trains" in err and "--lr: worker 0 0.001, worker 1 0.01" in err
     assert not out.exists()  # nothing written
+
+
+def test_the_rnn_head_trains_on_two_workers_and_its_run_dir_predicts_like_training(data, tmp_path):
+    """Both heads keep working under the strategy: a 2-worker rnn run (one epoch) writes a complete RUN_DIR whose
+    tagger, loaded by predict, gives the validation scores the chief recorded."""
+    from crawl.manifest import read_data_dir
+    from predict.inference import predict_ensemble
+    from predict.runs import load_run
+
+    flags = [*FLAGS, "--head", "rnn", "--rnn-units", "16", "--label-embedding", "8"]
+    flags[flags.index("--epochs") + 1] = "1"
+    out = tmp_path / "rnn"
+    results = _run_ok([str(data.root), "--out", str(out), *flags])
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    assert json.loads((out / "config.json").read_text())["head"]["name"] == "rnn"
+    assert "epoch 1/1 stage 1" in results[0][1] and "epoch " not in results[1][1]
+    recorded = rundir.read_val_predictions(out)
+    paths = {row.id: str(data.root / row.path) for row in read_data_dir(data.root).manifest.itertuples()}
+    run = load_run(out)
+    scores = predict_ensemble([run], [paths[i] for i in recorded["id"]], progress=False).probabilities
+    assert abs(scores - recorded.drop(columns="id").to_numpy()).max() < 1e-5
