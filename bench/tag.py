@@ -12,7 +12,7 @@ TTA 8 (on the first --tta-images images). The setups:
   architecture: the same 22,855,952 trainable parameters; inception_v4 is `inception_v4`) with the run's class
   count, in eval mode, float32 or under `torch.autocast("cpu", dtype=torch.bfloat16)`, run by PyTorch in a child
   process (`bench.tag_timm`, which says exactly what it does: Pillow decode and resize in a DataLoader with
-  --workers processes, --threads torch threads, the same 8 views batched the same way).
+  --workers processes, --threads torch threads, predict's 8 views pixel for pixel, batched the same way).
 
 Every setup is warmed up first (export, compile, tracing: not timed). Then --rounds rounds alternate all setups and
 both TTA settings (the order reversed every other round), so load from other processes falls on all of them alike;

@@ -16,9 +16,8 @@ one model call per batch, as predict does), are normalised to -1..1 (timm's mean
 the same as the Keras backbones' preprocessing), and go through the model under `torch.inference_mode()`, in float32
 or under `torch.autocast("cpu", dtype=torch.bfloat16)`; the sigmoid probabilities of the views are averaged.
 
-The views: a shift moves the content by whole pixels with the border pixels repeated (`replicate` padding; training's
-resampler reflects the border instead: the same cost, a few different border pixels), the zoom crops the central part
-and scales it back with nearest-neighbour interpolation, the mirror flips left-right; in that order, as predict.tta.
+The views are predict.tta's, pixel for pixel: each output pixel gathers the input pixel that training's resampler
+picks for it (nearest neighbour, borders reflected), computed with PyTorch's own indexing (`apply_view`).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import time
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F  # noqa: N812 (PyTorch's own spelling)
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -50,21 +48,26 @@ class ImageFiles(Dataset):
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
+def source_pixels(coordinates: torch.Tensor, size: int) -> torch.Tensor:
+    """The nearest pixel to each coordinate, reflected at the borders repeating the edge pixel: training's rule
+    (`train.data._source_pixel`), so the views below are predict's views pixel for pixel."""
+    v = coordinates + 0.5
+    v = size - (size - v.abs()).abs()
+    return v.to(torch.int64).clamp(0, size - 1)
+
+
 def apply_view(x: torch.Tensor, view: dict, step: int, zoom_fraction: float) -> torch.Tensor:
-    """One view of a batch (B, 3, S, S): shift by view["shift"] * step pixels (+ is down/right), zoom, mirror."""
+    """One view of a batch (B, C, S, S): content shifted by view["shift"] * step pixels (+ is down/right), then the
+    central zoom_fraction scaled to full size (if view["zoom"]), then mirrored (if view["flip"]); each output pixel
+    shows the input pixel that predict.tta's affine map (`train.data.affine_maps`) picks, in float32 as there."""
     size = x.shape[-1]
-    dy, dx = view["shift"][0] * step, view["shift"][1] * step
-    if dy or dx:
-        pad = max(abs(dy), abs(dx))
-        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-        x = padded[..., pad - dy : pad - dy + size, pad - dx : pad - dx + size]
-    if view["zoom"]:
-        crop = int(round(size * zoom_fraction))
-        start = (size - crop) // 2
-        x = F.interpolate(x[..., start : start + crop, start : start + crop], size=(size, size), mode="nearest")
-    if view["flip"]:
-        x = torch.flip(x, dims=[-1])
-    return x
+    centre = (size - 1) / 2.0
+    crop = zoom_fraction if view["zoom"] else 1.0
+    flip = -1.0 if view["flip"] else 1.0
+    r = torch.arange(size, dtype=torch.float32)
+    rows = source_pixels(crop * (r - centre) - view["shift"][0] * step + centre, size)
+    cols = source_pixels(flip * crop * (r - centre) - view["shift"][1] * step + centre, size)
+    return x.index_select(-2, rows).index_select(-1, cols)
 
 
 class TimmTagger:
