@@ -1,5 +1,5 @@
-"""Command line of the predict stage: `python -m predict submit|evaluate|compare|tag ...` (argparse only; the work is
-in the modules).
+"""Command line of the predict stage: `python -m predict submit|evaluate|compare|tag|export ...` (argparse only; the
+work is in the modules).
 
 Exit status: 0 on success, 2 for bad input (an unusable RUN_DIR or DATA_DIR, missing or unreadable images,
 runs that cannot be ensembled, a bad option), with a message on stderr naming the file or ids. `tag` exits 0 when
@@ -21,8 +21,10 @@ quiet_tensorflow_startup()  # before the first TensorFlow import below
 
 from crawl.manifest import DataDirError
 from predict.compare import CompareConfig, compare
+from predict.engines import ENGINES, PRECISIONS, check_engine
 from predict.errors import PredictError
 from predict.evaluate import EvaluateConfig, evaluate, format_report
+from predict.export import EXPORT_FORMATS, ExportConfig, export
 from predict.options import check_batch_size, check_beam, check_choice, check_top_k
 from predict.submission import FORMATS, MISSING_MODES, SubmitConfig, submit
 from predict.tag_inputs import TagUsageError, split_runs_and_inputs
@@ -31,7 +33,7 @@ from predict.thresholds import parse_threshold
 from predict.tta import MAX_TTA, check_tta
 
 EXIT_BAD_INPUT = 2
-Config = SubmitConfig | EvaluateConfig | CompareConfig | TagConfig
+Config = SubmitConfig | EvaluateConfig | CompareConfig | TagConfig | ExportConfig
 
 # The defaults of the command line are the configs' own.
 _SUBMIT = SubmitConfig(runs=(), data=Path("."), out=Path("."))
@@ -39,7 +41,8 @@ _EVALUATE = EvaluateConfig(runs=(), data=Path("."))
 _COMPARE = CompareConfig(runs=(), data=Path("."))
 _TAG = TagConfig(runs=(), inputs=())
 _TAG_USAGE = ("python -m predict tag RUN_DIR [RUN_DIR ...] INPUT [INPUT ...] [--out FILE.csv|FILE.jsonl]\n"
-              "       [--threshold 0.5|tuned|X] [--top-k N] [--tta N] [--batch-size N] [--no-progress]")
+              "       [--threshold 0.5|tuned|X] [--top-k N] [--tta N] [--batch-size N] [--engine keras|openvino|onnx]\n"
+              "       [--precision f32|bf16] [--no-progress]")
 _TAG_EPILOG = """\
 RUN_DIRs come first: the leading arguments that are folders holding a config.json (what python -m train writes)
 are the runs, averaged as an ensemble; every argument from the first one that is not is an INPUT. An INPUT is an
@@ -74,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m predict", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def engine(p: argparse.ArgumentParser, defaults: Config) -> None:
+        """--engine and --precision (submit, evaluate, compare, tag)."""
+        p.add_argument("--engine", type=_checked(check_engine), default=defaults.engine,
+                       metavar="{" + ",".join(ENGINES) + "}",
+                       help=f"what runs the model: {', '.join(ENGINES)} (default {defaults.engine}); openvino and onnx "
+                       "export the run once into RUN_DIR/engines/")
+        p.add_argument("--precision", type=_checked(lambda v: check_choice("--precision", v, PRECISIONS)),
+                       default=defaults.precision, metavar="{" + ",".join(PRECISIONS) + "}",
+                       help="f32 (default) or bf16 (--engine openvino on a CPU with bfloat16)")
+
     def common(p: argparse.ArgumentParser, defaults: Config) -> None:
         p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s) written by python -m train")
         p.add_argument("--data", required=True, type=Path, metavar="DATA_DIR", help="crawled DATA_DIR to predict on")
@@ -83,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"images per model call before TTA (default {defaults.batch_size})")
         p.add_argument("--beam", type=_checked(check_beam, _integer), default=defaults.beam,
                        help=f"rnn runs: decode with a beam of N (default {defaults.beam}: greedy)")
+        engine(p, defaults)
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def threshold(p: argparse.ArgumentParser, defaults: SubmitConfig | EvaluateConfig) -> None:
@@ -118,12 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"test-time views, 1..{MAX_TTA} (default {_TAG.tta})")
     t.add_argument("--batch-size", type=_checked(check_batch_size, _integer), default=_TAG.batch_size, metavar="N",
                    help=f"images per model call before TTA (default {_TAG.batch_size})")
+    engine(t, _TAG)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(tag_parser=t)  # parse_args reports a missing run or input with this parser's usage
 
     c = sub.add_parser("compare", help="compare runs: table (Markdown, CSV) and bar chart, sorted by mAP")
     common(c, _COMPARE)
     c.add_argument("--out", type=Path, default=_COMPARE.out, help=f"output folder (default {_COMPARE.out})")
+
+    x = sub.add_parser("export", help="export a run (preprocessing included) for a runtime without this code")
+    x.add_argument("run", type=Path, metavar="RUN_DIR", help="run folder written by python -m train")
+    x.add_argument("--format", required=True, type=_checked(lambda v: check_choice("--format", v, EXPORT_FORMATS)),
+                   metavar="{" + ",".join(EXPORT_FORMATS) + "}", help=f"{', '.join(EXPORT_FORMATS)}")
+    x.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="folder for the model and tagger.json (replaced atomically if it holds an earlier export)")
     return parser
 
 
@@ -136,9 +158,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         except TagUsageError as err:
             a.tag_parser.error(str(err))  # the tag usage line, the message, exit status 2
         return TagConfig(runs=tuple(Path(r) for r in runs), inputs=tuple(inputs), out=a.out, threshold=a.threshold,
-                         top_k=a.top_k, tta=a.tta, batch_size=a.batch_size, progress=not a.no_progress)
+                         top_k=a.top_k, tta=a.tta, batch_size=a.batch_size, progress=not a.no_progress,
+                         engine=a.engine, precision=a.precision)
+    if a.command == "export":
+        return ExportConfig(run=a.run, format=a.format, out=a.out)
     shared = dict(runs=tuple(a.runs), data=a.data, tta=a.tta, batch_size=a.batch_size, progress=not a.no_progress,
-                  beam=a.beam)
+                  beam=a.beam, engine=a.engine, precision=a.precision)
     if a.command == "submit":
         return SubmitConfig(**shared, out=a.out, threshold=a.threshold, format=a.format, missing=a.missing)
     if a.command == "evaluate":
@@ -163,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             if not summary.tagged:
                 print(f"error: none of the {len(summary.results)} images could be tagged", file=sys.stderr)
                 return EXIT_BAD_INPUT
+        elif isinstance(config, ExportConfig):
+            print(export(config).summary())
         else:
             result = compare(config)
             print(result.markdown, end="")

@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from predict.engines import DEFAULT_ENGINE, DEFAULT_PRECISION, check_engine, check_precision
 from predict.errors import PredictError
 from predict.evaluate import load_labelled
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
@@ -62,6 +63,8 @@ class CompareConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     progress: bool = True
     beam: int = 1  # rnn runs: beam width of the decoder (1 = greedy, as trained and validated)
+    engine: str = DEFAULT_ENGINE  # keras, openvino or onnx (predict.engines)
+    precision: str = DEFAULT_PRECISION  # f32, or bf16 with the openvino engine on a CPU that has it
 
     def resolve(self) -> CompareConfig:
         """A copy with every option checked; raises PredictError."""
@@ -76,6 +79,8 @@ class CompareConfig:
             out=out,
             batch_size=check_batch_size(self.batch_size),
             beam=check_beam(self.beam),
+            engine=check_engine(self.engine),
+            precision=check_precision(self.precision, self.engine),
         )
 
 
@@ -96,10 +101,19 @@ def _metric(metrics: dict | None, key: str) -> float:
 
 
 def compare_run(
-    run_path: str | Path, data: str | Path, *, tta: int, batch_size: int, progress: bool, beam: int = 1
+    run_path: str | Path,
+    data: str | Path,
+    *,
+    tta: int,
+    batch_size: int,
+    progress: bool,
+    beam: int = 1,
+    engine: str = DEFAULT_ENGINE,
+    precision: str = DEFAULT_PRECISION,
 ) -> dict:
-    """One row of the comparison table for one RUN_DIR (`beam` applies to rnn runs; sigmoid runs have none)."""
-    run = load_run(run_path)
+    """One row of the comparison table for one RUN_DIR (`beam` applies to rnn runs; sigmoid runs have none), scored
+    by `engine` at `precision` (taken as checked)."""
+    run = load_run(run_path, engine=engine, precision=precision)
     if run.head == "rnn":
         run = run.with_beam(beam)
     images = load_labelled(data, run.classes)
@@ -193,14 +207,15 @@ def compare(config: CompareConfig) -> CompareResult:
     tta, out = config.tta, config.out
     rows = [
         compare_run(p, config.data, tta=tta, batch_size=config.batch_size, progress=config.progress,
-                    beam=config.beam)
+                    beam=config.beam, engine=config.engine, precision=config.precision)
         for p in config.runs
     ]
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table = table.sort_values(["map_tta", "map"], ascending=False, kind="stable").reset_index(drop=True)
     markdown = markdown_table(table, tta) + (
         f"\nData: `{config.data}`. Sorted by mAP with TTA. F2 columns use the TTA x{tta} probabilities; "
-        f"images/s is plain prediction (decode, resize, model; batch {config.batch_size}) on this machine.\n"
+        f"images/s is plain prediction (decode, resize, model; batch {config.batch_size}; "
+        f"engine {config.engine} {config.precision}) on this machine.\n"
     )
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / TABLE_MD, out / TABLE_CSV, out / CHART_PNG)

@@ -17,6 +17,7 @@ import numpy as np
 
 from common.atomic import atomic_write_json
 from crawl.manifest import read_data_dir
+from predict.engines import DEFAULT_ENGINE, DEFAULT_PRECISION, check_engine, check_precision
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
 from predict.options import check_batch_size, check_beam, check_runs
@@ -38,6 +39,8 @@ class EvaluateConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     progress: bool = True
     beam: int = 1  # rnn runs: beam width of the decoder (1 = greedy, as trained and validated)
+    engine: str = DEFAULT_ENGINE  # keras, openvino or onnx (predict.engines)
+    precision: str = DEFAULT_PRECISION  # f32, or bf16 with the openvino engine on a CPU that has it
 
     def resolve(self) -> EvaluateConfig:
         """A copy with every option checked and the threshold in canonical form; raises PredictError."""
@@ -50,6 +53,8 @@ class EvaluateConfig:
             out=None if self.out is None else Path(self.out),
             batch_size=check_batch_size(self.batch_size),
             beam=check_beam(self.beam),
+            engine=check_engine(self.engine),
+            precision=check_precision(self.precision, self.engine),
         )
 
 
@@ -128,7 +133,7 @@ def format_report(report: dict) -> str:
 def evaluate(config: EvaluateConfig) -> dict:
     """Score the ensemble of `config.runs` on the labelled DATA_DIR; returns the report, written as JSON to `out`."""
     config = config.resolve()
-    runs = [run.with_beam(config.beam) for run in load_runs(config.runs)]
+    runs = load_runs(config.runs, beam=config.beam, engine=config.engine, precision=config.precision)
     classes = runs[0].classes
     thresholds = resolve_thresholds(config.threshold, runs)
     images = load_labelled(config.data, classes)
@@ -143,6 +148,8 @@ def evaluate(config: EvaluateConfig) -> dict:
             "threshold": config.threshold,
             "tta": config.tta,
             "beam": config.beam,
+            "engine": config.engine,
+            "precision": config.precision,
             "runs": [str(r.path) for r in runs],
             "data": str(config.data),
             "images": len(images.ids),
@@ -153,3 +160,48 @@ def evaluate(config: EvaluateConfig) -> dict:
     if config.out is not None:
         atomic_write_json(config.out, report)
     return report
+
+
+def bf16_cost(
+    runs: Sequence[str | Path],
+    data: str | Path,
+    *,
+    tta: int = 1,
+    threshold: str = DEFAULT_THRESHOLD,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+) -> dict:
+    """What `--engine openvino --precision bf16` costs in accuracy against f32, on a labelled DATA_DIR.
+
+    Scores the ensemble of `runs` with the openvino engine at f32 and at bf16 (same export, same images, same
+    views) and returns {"f32": {"map", "f2"}, "bf16": {"map", "f2"}, "map_change", "f2_change" (bf16 minus f32),
+    "max_probability_change", "flags_changed" (share of image-class flags that differ at the thresholds), "images",
+    "tta", "threshold"}. Refused (PredictError) where the CPU has no bfloat16. Use a trained model: random weights
+    give outputs that barely vary, which hides the cost.
+    """
+    check_precision("bf16", "openvino")
+    probabilities, reports = {}, {}
+    for precision in ("f32", "bf16"):
+        config = EvaluateConfig(runs=tuple(runs), data=Path(data), tta=tta, threshold=threshold,
+                                batch_size=batch_size, progress=progress, engine="openvino",
+                                precision=precision).resolve()
+        loaded = load_runs(config.runs, engine=config.engine, precision=config.precision)
+        thresholds = resolve_thresholds(config.threshold, loaded)
+        images = load_labelled(config.data, loaded[0].classes)
+        if not images.ids:
+            raise PredictError(f"{config.data}: no stored images to evaluate on")
+        prediction = predict_ensemble(loaded, images.paths, ids=images.ids, tta=config.tta,
+                                      batch_size=config.batch_size, progress=config.progress)
+        probabilities[precision] = prediction.probabilities
+        reports[precision] = evaluation_report(images.labels, probabilities[precision], loaded[0].classes, thresholds)
+    flags = {p: apply_thresholds(probabilities[p], thresholds) for p in probabilities}
+    return {
+        **{p: {"map": reports[p]["map"], "f2": reports[p]["f2"]} for p in reports},
+        "map_change": reports["bf16"]["map"] - reports["f32"]["map"],
+        "f2_change": reports["bf16"]["f2"] - reports["f32"]["f2"],
+        "max_probability_change": float(np.abs(probabilities["bf16"] - probabilities["f32"]).max()),
+        "flags_changed": float((flags["bf16"] != flags["f32"]).mean()),
+        "images": len(images.ids),
+        "tta": tta,
+        "threshold": config.threshold,
+    }

@@ -6,6 +6,9 @@ mode: the very code training used, so there is no train/serve skew. TTA views (p
 0..255 batch, are stacked along the batch axis and go through the model in one `predict_on_batch` call; the
 sigmoid probabilities of the views are then averaged. An ensemble averages its runs' probabilities, each run
 decoding at its own input size with its own preprocessing.
+
+The model call is the run's engine (`Run.score`, `predict.engines`): Keras on the preprocessed batch, or the run's
+OpenVINO / ONNX export, which holds the preprocessing, on the 0..255 batch (the pipeline then skips it).
 """
 
 from __future__ import annotations
@@ -52,21 +55,24 @@ def describe_images(ids: Sequence[str], paths: Sequence[str], indices: Sequence[
 
 
 def image_dataset(
-    paths: Sequence[str], *, image_size: int, preprocessing: str, batch_size: int, tta: int = 1
+    paths: Sequence[str], *, image_size: int, preprocessing: str | None, batch_size: int, tta: int = 1
 ) -> tf.data.Dataset:
     """Batches of (model input of shape (tta*B, S, S, 3), readable flags of shape (B,)) for `paths`, in order.
 
     Decoding runs in parallel (deterministic order); the views are built from the decoded batch, then
-    preprocessed, so each batch is one model call. The tf.data options are training's (`pipeline_options`).
+    preprocessed (unless `preprocessing` is None: an exported model that preprocesses itself gets the 0..255
+    views), so each batch is one model call. The tf.data options are training's (`pipeline_options`).
     """
+
+    def model_input(images):
+        views = tta_views(images, tta)
+        return views if preprocessing is None else preprocess(views, preprocessing)
+
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
     ds = ds.map(lambda p: load_image(p, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
-    ds = ds.map(
-        lambda images, ok: (preprocess(tta_views(images, tta), preprocessing), ok),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+    ds = ds.map(lambda images, ok: (model_input(images), ok), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
 
 
@@ -81,9 +87,9 @@ def predict_run(
 ) -> Prediction:
     """Probabilities of one run for existing image files `paths` (averaged over `tta` views).
 
-    warmup=True first scores batches of zeros of the shapes this pass uses, so that tracing the model is not
-    counted in `seconds` (used when the speed is reported). `tta` and `batch_size` are taken as checked (the
-    configs' `resolve()` checks them).
+    warmup=True first scores batches of zeros of the shapes this pass uses, so that tracing the model (for the
+    export engines: exporting or compiling it) is not counted in `seconds` (used when the speed is reported). `tta`
+    and `batch_size` are taken as checked (the configs' `resolve()` checks them).
     """
     n, k = len(paths), len(run.classes)
     probabilities = np.zeros((n, k), dtype=np.float64)
@@ -91,18 +97,20 @@ def predict_run(
     if n == 0:
         return Prediction(probabilities, readable, 0.0, tta)
     size = run.image_size
+    run.prepare()  # an export engine exports or compiles first: outside `seconds`
     if warmup:
         # Both batch shapes this pass will use: a full batch and the last, partial one (a second shape makes
         # the traced function generalise its batch size, which is another trace).
         for b in sorted({min(batch_size, n), n % batch_size or batch_size}, reverse=True):
-            run.model.predict_on_batch(np.zeros((b * tta, size, size, 3), dtype=np.float32))
-    dataset = image_dataset(paths, image_size=size, preprocessing=run.preprocessing, batch_size=batch_size, tta=tta)
+            run.score(np.zeros((b * tta, size, size, 3), dtype=np.float32))
+    preprocessing = None if run.takes_pixels else run.preprocessing
+    dataset = image_dataset(paths, image_size=size, preprocessing=preprocessing, batch_size=batch_size, tta=tta)
     start = time.perf_counter()
     done = 0
     with tqdm(total=n, desc=f"{run.name} (tta {tta})", unit="img", disable=not progress, leave=False) as bar:
         for inputs, ok in dataset:
             b = int(ok.shape[0])
-            scores = np.asarray(run.model.predict_on_batch(inputs))
+            scores = np.asarray(run.score(inputs))
             if scores.shape != (b * tta, k):
                 expected = (b * tta, k)
                 raise PredictError(f"{run.path}: model returned scores of shape {scores.shape}, expected {expected}")

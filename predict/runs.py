@@ -5,6 +5,10 @@ preprocessing come from config.json, the class order from classes.txt (checked a
 output width), the thresholds from metrics.json. Both heads give one score per class: the sigmoid head's
 probabilities, or the rnn head's decoder scores (train.rnn_head, imported here so that its layer is registered before
 `load_model`); runs of different heads are not ensembled.
+
+Each loaded run scores batches with an engine (`predict.engines`): `load_run(path, engine=..., precision=...,
+beam=...)` records the choice and `Run.scorer` builds the scorer on first use (exporting the run into its cache for
+openvino and onnx), so `with_beam` before any scoring costs no export.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from predict import engines
 from predict.errors import PredictError
 from train import rnn_head, rundir  # rnn_head registers TagDecoder, which an rnn run's model.keras holds
 from train.preprocess import PREPROCESSING
@@ -32,10 +37,37 @@ class Run:
     classes: list[str]
     metrics: dict | None  # None when metrics.json is absent (tuned thresholds and compare then fail clearly)
     model: keras.Model = field(repr=False, compare=False)
+    engine: str = engines.DEFAULT_ENGINE
+    precision: str = engines.DEFAULT_PRECISION
+    beam: int = 1  # rnn runs: the decoder's beam width (1: greedy, the saved model itself)
+    model_sha256: str | None = None  # model.keras's sha256 as loaded (taken before loading for the export engines)
+    _scorers: dict = field(init=False, default_factory=dict, repr=False, compare=False)  # built on first use
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def scorer(self) -> engines.KerasScorer | engines.OnnxScorer | engines.OpenVINOScorer:
+        """The engine's scorer of batches, built on first use (openvino and onnx: exported into the RUN_DIR's cache
+        first, unless a current export is there)."""
+        if "scorer" not in self._scorers:
+            self._scorers["scorer"] = engines.make_scorer(self, self.engine, self.precision, self.model_sha256)
+        return self._scorers["scorer"]
+
+    def prepare(self) -> Run:
+        """Build the scorer now (export and compile for openvino/onnx) rather than at the first batch; returns self."""
+        _ = self.scorer
+        return self
+
+    @property
+    def takes_pixels(self) -> bool:
+        """True when the engine's model includes the preprocessing (openvino, onnx): feed it 0..255 pixels."""
+        return self.engine != "keras"
+
+    def score(self, batch) -> np.ndarray:
+        """Scores (B, K) of a batch: preprocessed images for keras, 0..255 pixels otherwise (`takes_pixels`)."""
+        return self.scorer(batch)
 
     @property
     def head(self) -> str:
@@ -44,11 +76,11 @@ class Run:
 
     def with_beam(self, beam: int) -> Run:
         """This run decoding with a beam of width `beam` (rnn head; 1 is greedy, the saved model itself)."""
-        if beam == 1:
+        if beam == self.beam:
             return self
         if self.head != "rnn":
             raise PredictError(f"--beam {beam}: {self.path} is a {self.head}-head run; beam search is for rnn runs")
-        return dataclasses.replace(self, model=rnn_head.with_beam(self.model, beam))
+        return dataclasses.replace(self, model=rnn_head.with_beam(self.model, beam), beam=beam)
 
     @property
     def backbone(self) -> str:
@@ -82,8 +114,18 @@ class Run:
         return np.asarray([float(stored[c]) for c in self.classes], dtype=np.float64)
 
 
-def load_run(path: str | Path) -> Run:
-    """Read and check a RUN_DIR; raises PredictError naming the file at fault."""
+def load_run(
+    path: str | Path,
+    *,
+    engine: str = engines.DEFAULT_ENGINE,
+    precision: str = engines.DEFAULT_PRECISION,
+    beam: int = 1,
+) -> Run:
+    """Read and check a RUN_DIR; raises PredictError naming the file at fault.
+
+    `engine` and `precision` (`predict.engines`; taken as checked: the configs' `resolve()` checks them) choose what
+    scores its batches; `beam` > 1 makes an rnn run decode with a beam (PredictError for a sigmoid run).
+    """
     path = Path(path)
     if not path.is_dir():
         raise PredictError(f"{path}: not a RUN_DIR (no such directory)")
@@ -107,6 +149,8 @@ def load_run(path: str | Path) -> Run:
     model_path = path / MODEL_FILE
     if not model_path.is_file():
         raise PredictError(f"{model_path}: not found; did training finish an epoch?")
+    # The export engines' cache key, taken before loading: a file replaced meanwhile is then exported afresh.
+    digest = rundir.model_sha256(path) if engine != "keras" else None
     try:
         model = keras.saving.load_model(model_path)  # safe mode: a RUN_DIR model holds no Lambda layers
     except Exception as err:  # Keras raises many types for a damaged or foreign file
@@ -121,17 +165,26 @@ def load_run(path: str | Path) -> Run:
         raise PredictError(
             f"{model_path}: model has {out_shape[-1]} outputs but {classes_path} lists {len(classes)} classes"
         )
-    return Run(path=path, config=config, classes=classes, metrics=metrics, model=model)
+    run = Run(path=path, config=config, classes=classes, metrics=metrics, model=model, engine=engine,
+              precision=precision, model_sha256=digest)
+    return run.with_beam(beam)
 
 
-def load_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """Load several RUN_DIRs for an ensemble; refuses runs whose classes (names or order) differ."""
+def load_runs(
+    paths: Sequence[str | Path],
+    *,
+    engine: str = engines.DEFAULT_ENGINE,
+    precision: str = engines.DEFAULT_PRECISION,
+    beam: int = 1,
+) -> list[Run]:
+    """Load several RUN_DIRs for an ensemble (each as `load_run` with these options); refuses runs whose heads or
+    classes (names or order) differ."""
     if not paths:
         raise PredictError("no RUN_DIR given")
-    runs = [load_run(p) for p in paths]
+    runs = [load_run(p, engine=engine, precision=precision) for p in paths]
     check_same_head(runs)
     check_same_classes(runs)
-    return runs
+    return [run.with_beam(beam) for run in runs]
 
 
 def check_same_head(runs: Sequence[Run]) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from common.atomic import atomic_write_text
 from crawl.manifest import LIST_FILE, read_data_dir
+from predict.engines import DEFAULT_ENGINE, DEFAULT_PRECISION, check_engine, check_precision
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
 from predict.options import check_batch_size, check_beam, check_choice, check_runs
@@ -49,6 +50,8 @@ class SubmitConfig:
     missing: str = "error"
     progress: bool = True
     beam: int = 1  # rnn runs: beam width of the decoder (1 = greedy, as trained and validated)
+    engine: str = DEFAULT_ENGINE  # keras, openvino or onnx (predict.engines)
+    precision: str = DEFAULT_PRECISION  # f32, or bf16 with the openvino engine on a CPU that has it
 
     def resolve(self) -> SubmitConfig:
         """A copy with every option checked and the threshold in canonical form; raises PredictError."""
@@ -65,6 +68,8 @@ class SubmitConfig:
             format=check_choice("--format", self.format, FORMATS),
             batch_size=check_batch_size(self.batch_size),
             beam=check_beam(self.beam),
+            engine=check_engine(self.engine),
+            precision=check_precision(self.precision, self.engine),
             missing=check_choice("--missing", self.missing, MISSING_MODES),
         )
 
@@ -149,7 +154,7 @@ def submit(config: SubmitConfig) -> SubmitResult:
     if missing and not fill:
         raise PredictError(_missing_message(data, missing, len(ids)))
 
-    runs = [run.with_beam(config.beam) for run in load_runs(config.runs)]
+    runs = load_runs(config.runs, beam=config.beam, engine=config.engine, precision=config.precision)
     classes = runs[0].classes
     thresholds = resolve_thresholds(config.threshold, runs)  # before predicting: a bad option fails at once
     prevalence = np.mean([r.class_prevalence for r in runs], axis=0) if fill and config.format == "proba" else None

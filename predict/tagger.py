@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.atomic import atomic_write_text
+from predict.engines import DEFAULT_ENGINE, DEFAULT_PRECISION, check_engine, check_precision
 from predict.errors import PredictError
 from predict.inference import DEFAULT_BATCH_SIZE, predict_ensemble
 from predict.options import check_batch_size, check_runs, check_top_k
@@ -72,12 +73,18 @@ class Tagger:
         top_k: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = False,
+        engine: str = DEFAULT_ENGINE,
+        precision: str = DEFAULT_PRECISION,
     ) -> Tagger:
-        """Load one RUN_DIR or several (an ensemble); raises PredictError naming the run or option at fault."""
+        """Load one RUN_DIR or several (an ensemble); raises PredictError naming the run or option at fault.
+
+        engine/precision choose what runs the model (`predict.engines`: keras, or an onnx/openvino export cached in
+        each RUN_DIR), as `--engine`/`--precision` do for submit."""
         if isinstance(run_dirs, (str, os.PathLike)):
             run_dirs = [run_dirs]
         options = check_options(tta=tta, threshold=str(threshold), top_k=top_k, batch_size=batch_size)
-        runs = load_runs(check_runs(list(run_dirs)))  # where runs are loaded (engine/precision go here too)
+        engine = check_engine(engine)
+        runs = load_runs(check_runs(list(run_dirs)), engine=engine, precision=check_precision(precision, engine))
         return cls(runs, **options, progress=progress)
 
     def with_options(self, **options) -> Tagger:
@@ -184,6 +191,8 @@ class TagConfig:
     tta: int = 1
     batch_size: int = DEFAULT_BATCH_SIZE
     progress: bool = True
+    engine: str = DEFAULT_ENGINE  # keras, openvino or onnx (predict.engines)
+    precision: str = DEFAULT_PRECISION
 
     def resolve(self) -> TagConfig:
         """A copy with every option checked and the threshold in canonical form; raises PredictError."""
@@ -195,7 +204,9 @@ class TagConfig:
                 raise PredictError(f"--out {out} is a directory; give a file name ending in .csv or .jsonl")
             file_format(out)
         options = check_options(tta=self.tta, threshold=self.threshold, top_k=self.top_k, batch_size=self.batch_size)
-        return dataclasses.replace(self, runs=check_runs(self.runs), inputs=tuple(self.inputs), out=out, **options)
+        engine = check_engine(self.engine)
+        return dataclasses.replace(self, runs=check_runs(self.runs), inputs=tuple(self.inputs), out=out, **options,
+                                   engine=engine, precision=check_precision(self.precision, engine))
 
 
 @dataclass(frozen=True)
@@ -233,7 +244,7 @@ def tag(config: TagConfig, *, stdin: Iterable[str] | None = None, stdout=None) -
             f"no image files in {', '.join(config.inputs)} (searched for {', '.join(sorted(image_extensions()))})"
         )
     tagger = Tagger.load(config.runs, tta=config.tta, threshold=config.threshold, top_k=config.top_k,
-                         batch_size=config.batch_size)
+                         batch_size=config.batch_size, engine=config.engine, precision=config.precision)
     results = []
     stdout = stdout or sys.stdout
     with tqdm(total=len(rows), desc="tag", unit="img", disable=not config.progress, leave=False) as bar:

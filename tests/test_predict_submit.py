@@ -203,7 +203,7 @@ def test_failed_run_leaves_earlier_submission_intact(world, tmp_path, monkeypatc
         return np.full((x.shape[0], 3), 0.9, dtype=np.float32)
 
     monkeypatch.setattr(run.model, "predict_on_batch", failing)
-    monkeypatch.setattr("predict.submission.load_runs", lambda paths: [run])
+    monkeypatch.setattr("predict.submission.load_runs", lambda paths, **options: [run])
     with pytest.raises(RuntimeError, match="simulated crash"):
         submit(SubmitConfig(runs=(world["a"],), data=world["full"], out=out, batch_size=2, progress=False))
     assert out.read_bytes() == b"earlier submission\n"

@@ -354,3 +354,34 @@ def test_tag_config_checks_its_settings_once():
         tag(TagConfig(runs=("r",), inputs=()))
     assert expand_inputs(["-"], stdin=io.StringIO("a.jpg\n\n b c.png \n")) == [ImageInput("a.jpg"),
                                                                               ImageInput(" b c.png ")]
+
+
+# --- engines: --engine/--precision reach the runs tag loads -----------------------------------------------------------
+
+def test_tag_with_the_onnx_engine_gives_the_keras_rows_within_1e4_and_caches_the_export(world, capsys, tmp_path):
+    rels = [r for r in ORDER if PHOTOS[r]]
+    run = world["a"]
+    keras_out, onnx_out = tmp_path / "keras.csv", tmp_path / "onnx.csv"
+    assert _run(["tag", run, world["photos"], "--out", keras_out, "--no-progress"], capsys)[0] == 0
+    assert _run(["tag", run, world["photos"], "--out", onnx_out, "--no-progress", "--engine", "onnx"], capsys)[0] == 0
+    keras_rows = [line.split(",") for line in keras_out.read_text().splitlines()]
+    onnx_rows = [line.split(",") for line in onnx_out.read_text().splitlines()]
+    assert [r[:3] for r in onnx_rows] == [r[:3] for r in keras_rows]  # paths, tags and errors identical
+    expected = _expected(rels)
+    by_path = {row[0]: row for row in onnx_rows[1:]}
+    for rel in rels:
+        got = np.array([float(v) for v in by_path[str(world["photos"] / rel)][3:]])
+        np.testing.assert_allclose(got, expected[rel], atol=1e-4 + 5e-7)
+    assert [p.name.split("-")[0] for p in (Path(run) / "engines").iterdir()] == ["onnx"]  # exported once, cached
+
+
+def test_tagger_load_takes_the_engine_and_refuses_bf16_outside_openvino(world):
+    tagger = Tagger.load(world["a"], engine="openvino")
+    assert [run.engine for run in tagger.runs] == ["openvino"]
+    rels = [r for r in ORDER if PHOTOS[r]]
+    got = tagger.predict_proba([world["photos"] / r for r in rels])
+    np.testing.assert_allclose(got, np.stack([_expected(rels)[r] for r in rels]), atol=1e-4)
+    with pytest.raises(PredictError, match="--precision bf16 needs --engine openvino"):
+        Tagger.load(world["a"], precision="bf16")
+    with pytest.raises(PredictError, match="--engine must be one of"):
+        TagConfig(runs=("r",), inputs=("x",), engine="tensorrt").resolve()

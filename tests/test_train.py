@@ -28,7 +28,7 @@ from train.__main__ import main as cli_main
 from train.config import ConfigError, TrainConfig
 from train.data import make_dataset
 from train.fit import RunDirError, TrainingDiverged, load_split, train
-from train.metrics import f2_samples, mean_average_precision, per_class_average_precision
+from train.metrics import binary_crossentropy, f2_samples, mean_average_precision, per_class_average_precision
 from train.model import backbone_layers, build_model, freeze_backbone
 from train.plots import STAGE_BOUNDARY_LABEL, curves_figure
 from train.rundir import save_model
@@ -186,6 +186,10 @@ def test_run_dir_holds_everything_predict_needs(two_stage, data):
     thresholds = np.array([metrics["thresholds"][c] for c in data.classes])
     assert metrics["f2_at_tuned"] == pytest.approx(f2_samples(truth, probs >= thresholds))
     assert metrics["f2_at_tuned"] >= metrics["f2_at_0.5"]
+    # The loss trained on (bce by default) is recorded; val_bce is plain BCE whatever it was, to compare runs by.
+    assert config["train"]["loss"] == "bce"
+    assert metrics["val_bce"] == pytest.approx(binary_crossentropy(truth, probs), rel=1e-12)
+    assert metrics["val_bce"] == pytest.approx(best["val_loss"], rel=1e-4)  # bce: val_loss is that same BCE
     assert metrics["epochs_trained"] == 2 and metrics["stopped_early"] is None
     assert metrics["train_seconds"] == round(float(history["seconds"].sum()), 3)
     assert metrics["n_val_images"] == len(predictions)

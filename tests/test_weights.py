@@ -396,19 +396,29 @@ def test_list_shows_each_backbones_cache_file(converted, offline_keras_home, cap
     lines = capsys.readouterr().out.splitlines()
     size = f"{(models / NOTOP_FILE).stat().st_size / 1e6:.1f} MB"
     assert lines[0] == f"Keras cache: {models}"
-    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in lines[2:7]}
+    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in lines[2:11]}
+    modern = ("efficientnetv2_s", "efficientnetv2_b0", "convnext_tiny", "convnext_small")
     assert rows == {
         "inception_resnet_v2": [get_backbone("inception_resnet_v2").weights_file, "missing   -"],
         "xception": [xception, "not HDF5  0.0 MB"],
         "inception_v4": [NOTOP_FILE, f"present   {size}"],
         "inception_v3": [get_backbone("inception_v3").weights_file, "missing   -"],
         "resnet50": [get_backbone("resnet50").weights_file, "missing   -"],
+        **{name: [get_backbone(name).weights_file, "missing   -"] for name in modern},
     }
-    assert lines[7:9] == ["", "To get the files that are not present:"]
-    howto = lines[9:]
+    assert lines[11:13] == ["", "To get the files that are not present:"]
+    howto = lines[13:]
     assert howto[0] == f"  inception_resnet_v2: download {get_backbone('inception_resnet_v2').weights_url}"
     assert howto[1] == f"  xception: download {get_backbone('xception').weights_url}"
-    assert len(howto) == 4 and not any("inception_v4" in line for line in howto)
+    assert len(howto) == 8 and not any("inception_v4" in line for line in howto)
+    # The modern backbones' Keras files, as keras.applications 3.15 names and downloads them.
+    keras_weights = "https://storage.googleapis.com/tensorflow/keras-applications/"
+    assert howto[4:] == [
+        f"  efficientnetv2_s: download {keras_weights}efficientnet_v2/efficientnetv2-s_notop.h5",
+        f"  efficientnetv2_b0: download {keras_weights}efficientnet_v2/efficientnetv2-b0_notop.h5",
+        f"  convnext_tiny: download {keras_weights}convnext/convnext_tiny_notop.h5",
+        f"  convnext_small: download {keras_weights}convnext/convnext_small_notop.h5",
+    ]
 
 
 def test_list_cli_on_an_empty_cache(tmp_path):
@@ -418,7 +428,7 @@ def test_list_cli_on_an_empty_cache(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert out.count(" missing ") == 5
+    assert out.count(" missing ") == 9
     assert (
         f"  inception_v4: Make them from timm's inception_v4.tf_in1k checkpoint: on a machine with network, download "
         f"model.safetensors from the Hugging Face Hub repository timm/inception_v4.tf_in1k, then run "

@@ -14,7 +14,7 @@ from common.tf_logging import quiet_tensorflow_startup
 
 quiet_tensorflow_startup()  # before the first TensorFlow import below
 
-from train.config import HEADS, LABEL_ORDERS, RNN_CELLS, TrainConfig
+from train.config import HEADS, LABEL_ORDERS, LOSSES, RNN_CELLS, TrainConfig
 
 _DEFAULTS = TrainConfig(data_dir=Path("."), backbone="", out=Path("."))
 
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--label-order", default=d.label_order, choices=LABEL_ORDERS,
                    help="order of an image's classes in its rnn training sequence: by training prevalence "
                         "(frequent, the default; ties by class index), rare first, or class index")
+    _add_loss_arguments(p)
     a = p.parse_args(argv)
     return TrainConfig(
         data_dir=a.data_dir, backbone=a.backbone, out=a.out, val=a.val, val_split=a.val_split,
@@ -69,7 +70,28 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         augment=tuple(a.augment.split(",")), devices=a.devices, mixed_precision=a.mixed_precision,
         cache=a.cache, seed=a.seed, head=a.head, rnn_cell=a.rnn_cell, rnn_units=a.rnn_units,
         label_embedding=a.label_embedding, label_order=a.label_order,
+        **_loss_settings(a),
     )
+
+
+def _add_loss_arguments(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    p.add_argument("--loss", default=d.loss, choices=LOSSES,
+                   help="the sigmoid head's loss: bce (default), focal (Keras's BinaryFocalCrossentropy) or asl "
+                        "(asymmetric loss, Ridnik et al. 2021); the rnn head has its own sequence loss")
+    p.add_argument("--focal-gamma", type=float, default=d.focal_gamma,
+                   help=f"--loss focal: focusing parameter (default {d.focal_gamma})")
+    p.add_argument("--asl-gamma-pos", type=float, default=d.asl_gamma_pos,
+                   help=f"--loss asl: focusing parameter of positives (default {d.asl_gamma_pos})")
+    p.add_argument("--asl-gamma-neg", type=float, default=d.asl_gamma_neg,
+                   help=f"--loss asl: focusing parameter of negatives (default {d.asl_gamma_neg})")
+    p.add_argument("--asl-clip", type=float, default=d.asl_clip,
+                   help=f"--loss asl: probability margin m; negatives with p < m cost nothing (default {d.asl_clip})")
+
+
+def _loss_settings(a: argparse.Namespace) -> dict:
+    return {"loss": a.loss, "focal_gamma": a.focal_gamma, "asl_gamma_pos": a.asl_gamma_pos,
+            "asl_gamma_neg": a.asl_gamma_neg, "asl_clip": a.asl_clip}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,6 +164,46 @@ BACKBONES: dict[str, Backbone] = {
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=_KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         ),
+        # Modern backbones (issue 14). Each carries its own input scaling as layers at its bottom (EfficientNetV2:
+        # Rescaling, plus Normalization for the B variants; ConvNeXt: Normalization), so the pipeline feeds raw
+        # 0..255 pixels ("raw" preprocessing) and the model applies its preprocessing once, in every path.
+        # keras.applications refuses inputs under 32 px; the features are 1x1 there.
+        Backbone(
+            "efficientnetv2_s",
+            keras.applications.EfficientNetV2S,
+            input_size=384,
+            preprocessing="raw",
+            min_input_size=32,
+            weights_file="efficientnetv2-s_notop.h5",
+            weights_url=_KERAS_WEIGHTS + "efficientnet_v2/efficientnetv2-s_notop.h5",
+        ),
+        Backbone(
+            "efficientnetv2_b0",
+            keras.applications.EfficientNetV2B0,
+            input_size=224,
+            preprocessing="raw",
+            min_input_size=32,
+            weights_file="efficientnetv2-b0_notop.h5",
+            weights_url=_KERAS_WEIGHTS + "efficientnet_v2/efficientnetv2-b0_notop.h5",
+        ),
+        Backbone(
+            "convnext_tiny",
+            keras.applications.ConvNeXtTiny,
+            input_size=224,
+            preprocessing="raw",
+            min_input_size=32,
+            weights_file="convnext_tiny_notop.h5",
+            weights_url=_KERAS_WEIGHTS + "convnext/convnext_tiny_notop.h5",
+        ),
+        Backbone(
+            "convnext_small",
+            keras.applications.ConvNeXtSmall,
+            input_size=224,
+            preprocessing="raw",
+            min_input_size=32,
+            weights_file="convnext_small_notop.h5",
+            weights_url=_KERAS_WEIGHTS + "convnext/convnext_small_notop.h5",
+        ),
     ]
 }
 

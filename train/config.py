@@ -8,6 +8,7 @@ from pathlib import Path
 
 from train.backbones import get_backbone
 from train.data import DEFAULT_AUGMENT, parse_augment
+from train.losses import ASL_CLIP, ASL_GAMMA_NEG, ASL_GAMMA_POS, FOCAL_GAMMA, LOSSES
 from train.rnn_head import CELLS as RNN_CELLS
 from train.rnn_head import LABEL_ORDERS
 
@@ -50,6 +51,11 @@ class TrainConfig:
     rnn_units: int = 512
     label_embedding: int = 64
     label_order: str = "frequent"  # the order of an image's classes in its training sequence
+    loss: str = "bce"  # the sigmoid head's loss: bce, focal or asl (train.losses); the rnn head has its own
+    focal_gamma: float = FOCAL_GAMMA  # --loss focal only, as the asl settings below are --loss asl only
+    asl_gamma_pos: float = ASL_GAMMA_POS
+    asl_gamma_neg: float = ASL_GAMMA_NEG
+    asl_clip: float = ASL_CLIP
 
     def resolve(self) -> TrainConfig:
         """A copy with defaults filled from the backbone and every setting checked; raises ConfigError."""
@@ -93,6 +99,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._check_loss()
         weights = self.weights
         if weights not in ("imagenet", "none"):
             path = Path(weights).expanduser()
@@ -113,6 +120,34 @@ class TrainConfig:
             weights=weights,
             cache=cache,
         )
+
+    def _check_loss(self) -> None:
+        """--loss and its settings: ranges, and each setting only with its own loss (so config.json's other values
+        stay at their defaults and mean nothing), and no focal/asl for the rnn head, which has its sequence loss."""
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.head == "rnn" and self.loss != "bce":
+            raise ConfigError(
+                f"--loss {self.loss} applies to the sigmoid head; the rnn head trains on its own sequence loss "
+                "(cross-entropy of the next tag), so leave --loss at bce with --head rnn"
+            )
+        own = {"focal_gamma": "focal", "asl_gamma_pos": "asl", "asl_gamma_neg": "asl", "asl_clip": "asl"}
+        defaults = {"focal_gamma": FOCAL_GAMMA, "asl_gamma_pos": ASL_GAMMA_POS, "asl_gamma_neg": ASL_GAMMA_NEG,
+                    "asl_clip": ASL_CLIP}
+        for key, loss in own.items():
+            value = getattr(self, key)
+            flag = "--" + key.replace("_", "-")
+            if value != defaults[key] and self.loss != loss:
+                raise ConfigError(f"{flag} applies to --loss {loss} only (this run has --loss {self.loss})")
+            low_ok = value >= 0.0 and (key != "asl_clip" or value < 1.0)
+            if not low_ok:
+                bound = "in [0, 1)" if key == "asl_clip" else "non-negative"
+                raise ConfigError(f"{flag} must be {bound}, got {value}")
+
+    def loss_settings(self) -> dict:
+        """The settings of this run's loss, as train.losses.training_loss/validation_loss take them."""
+        return {"focal_gamma": self.focal_gamma, "asl_gamma_pos": self.asl_gamma_pos,
+                "asl_gamma_neg": self.asl_gamma_neg, "asl_clip": self.asl_clip}
 
     def to_json(self) -> dict:
         """The settings as JSON values (paths as strings, augment as a list)."""

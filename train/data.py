@@ -71,6 +71,21 @@ def decode_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
+def resize_rule(image_size: int) -> dict:
+    """`decode_resize` described for a consumer without this code (predict's tagger.json beside an export)."""
+    return {
+        "decode": "tf.io.decode_image(channels=3, expand_animations=False): JPEG, PNG, GIF (first frame) or BMP as "
+        "8-bit RGB, EXIF orientation ignored; the crawl stores every image already converted (8-bit RGB JPEG or "
+        "PNG, alpha composited over white, EXIF orientation applied)",
+        "size": [image_size, image_size],
+        "keep_aspect_ratio": False,
+        "method": "bilinear",
+        "antialias": True,
+        "implementation": f"tf.image.resize(image, [{image_size}, {image_size}], method='bilinear', antialias=True)",
+        "then": "round to whole values (half to even), clip to 0..255, float32",
+    }
+
+
 def load_image(path: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Read, decode and resize one image file to (image_size, image_size, 3) float32 in 0..255.
 

@@ -17,7 +17,8 @@ import numpy as np
 from crawl.manifest import DataDirError
 from train import rundir
 from train.keras_workarounds import correct_epoch_loss, reseed_random_layers
-from train.metrics import binary_crossentropy, mean_average_precision
+from train.losses import validation_loss
+from train.metrics import mean_average_precision
 from train.run_state import TrainingRun
 
 MAX_NAMED_SKIPS = 10  # unreadable ids named per epoch line; the rest are counted
@@ -39,6 +40,8 @@ class EpochMonitor(keras.callbacks.Callback):
         super().__init__()
         self.run, self.stage = run, stage
         self.first_epoch_of_fit = True
+        # val_loss is the loss trained on (--loss); the rnn head's sequence loss has no per-class form: BCE there.
+        self.val_loss = validation_loss(run.cfg.loss, **run.cfg.loss_settings())
 
     # --- during the epoch ----------------------------------------------------------------------------------------
     def on_epoch_begin(self, epoch, logs=None):
@@ -105,7 +108,7 @@ class EpochMonitor(keras.callbacks.Callback):
         truth = run.split.val_labels[kept]
         delivered = set(kept.tolist())
         skipped = [i for i in range(len(run.split.val_paths)) if i not in delivered]
-        return Validation(mean_average_precision(truth, probs), binary_crossentropy(truth, probs), skipped)
+        return Validation(mean_average_precision(truth, probs), self.val_loss(truth, probs), skipped)
 
     def _record(self, epoch: int, validation: Validation, images_per_second: float) -> tuple[dict, bool]:
         """Keep the model if this epoch is the best so far, and append its history row; returns (row, improved)."""

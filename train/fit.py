@@ -34,7 +34,14 @@ from train.data import make_dataset
 from train.devices import has_gpu, make_strategy
 from train.epoch_monitor import EpochMonitor
 from train.keras_workarounds import clear_restored_epoch
-from train.metrics import f2_samples, mean_average_precision, per_class_average_precision, tune_thresholds
+from train.losses import training_loss
+from train.metrics import (
+    binary_crossentropy,
+    f2_samples,
+    mean_average_precision,
+    per_class_average_precision,
+    tune_thresholds,
+)
 from train.model import build_model, estimate_batchnorm_statistics, freeze_backbone, unfreeze_top
 from train.plots import plot_curves
 from train.rnn_head import CLIPNORM, DecoderSpec, class_order, sequence_loss, training_model
@@ -138,7 +145,8 @@ def _fit_stage(run: TrainingRun, model: keras.Model, stage: int, lr: float, firs
         if run.cfg.head == "rnn":  # the training model's logits over the label sequences, gradients clipped
             model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr, clipnorm=CLIPNORM), loss=sequence_loss())
         else:
-            model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=keras.losses.BinaryCrossentropy())
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
+                          loss=training_loss(run.cfg.loss, **run.cfg.loss_settings()))
     clear_restored_epoch(model)  # a previous stage's restored epoch must not leak into this stage's fit()
     callbacks = [
         EpochMonitor(run, stage),
@@ -174,6 +182,7 @@ def _finalize(run: TrainingRun, params: int) -> TrainResult:
         "f2_at_0.5": f2_samples(truth, probs >= 0.5),
         "thresholds": {c: float(t) for c, t in zip(split.classes, thresholds, strict=True)},
         "f2_at_tuned": f2_samples(truth, probs >= thresholds),
+        "val_bce": binary_crossentropy(truth, probs),  # plain BCE whatever the loss: runs compare on it
         "epochs_trained": int(history["epoch"].max()) if len(history) else 0,
         "train_seconds": round(float(history["seconds"].sum()), 3),
         "params": int(params),

@@ -147,11 +147,10 @@ class TagDecoder(keras.layers.Layer):
         def body(step, token, states, emitted, p_max, finished):
             logits, states = self.step(token, states)
             probs = ops.softmax(logits, axis=-1)  # from the float32 logits, also under mixed precision
-            nxt = ops.cast(ops.argmax(ops.where(self.banned(step, emitted), NEG, logits), axis=-1), "int32")
+            nxt = first_max(ops.where(self.banned(step, emitted), NEG, logits))
             active = ops.logical_not(finished)
             p_max = ops.where(active[:, None], ops.maximum(p_max, probs[:, FIRST_CLASS:]), p_max)
-            # one_hot of a negative index (end - 3) is an all-zero row: end sets no class
-            new = ops.logical_and(ops.one_hot(nxt - FIRST_CLASS, k, dtype="bool"), active[:, None])
+            new = ops.logical_and(class_one_hot(nxt, k), active[:, None])
             return (step + 1, ops.where(active, nxt, PAD), states, ops.logical_or(emitted, new), p_max,
                     ops.logical_or(finished, ops.equal(nxt, END)))
 
@@ -198,7 +197,7 @@ class TagDecoder(keras.layers.Layer):
             p_max = ops.take(p_max, rows, axis=0)
             p_new = ops.take(probs[:, FIRST_CLASS:], rows, axis=0)
             p_max = ops.where(active[:, None], ops.maximum(p_max, p_new), p_max)
-            new = ops.logical_and(ops.one_hot(tok - FIRST_CLASS, k, dtype="bool"), active[:, None])
+            new = ops.logical_and(class_one_hot(tok, k), active[:, None])
             emitted = ops.logical_or(ops.take(emitted, rows, axis=0), new)
             states = [ops.take(s, rows, axis=0) for s in new_states]
             finished = ops.logical_or(was_finished, ops.equal(tok, END))
@@ -207,6 +206,25 @@ class TagDecoder(keras.layers.Layer):
         _, _, _, emitted, p_max, _, _ = ops.while_loop(cond, body, init, maximum_iterations=self.max_steps)
         # top_k keeps beams sorted, so beam 0 is the best hypothesis.
         return ops.reshape(emitted, (b, n, k))[:, 0], ops.reshape(p_max, (b, n, k))[:, 0]
+
+
+def first_max(x):
+    """Index of the largest value along the last axis, (B, V) -> (B,) int32; ties go to the lower index.
+
+    `ops.top_k` rather than `ops.argmax`: Keras's float argmax adds a signbit test (Bitcast, BitwiseAnd) that
+    neither tf2onnx nor OpenVINO can convert, so with it the decoder would not export. The two agree except on a tie
+    between +0.0 and -0.0, which argmax breaks towards +0.0.
+    """
+    return ops.cast(ops.top_k(x, 1)[1][:, 0], "int32")
+
+
+def class_one_hot(tokens, n_classes: int):
+    """Token ids (B,) -> (B, K) bool with the emitted class set; pad, start and end set none.
+
+    One-hot over all K+3 tokens, then the special tokens' columns dropped: a one-hot of the negative index
+    `token - 3` would do the same in TensorFlow (an all-zero row) but counts from the end in ONNX's OneHot.
+    """
+    return ops.one_hot(tokens, n_classes + FIRST_CLASS, dtype="bool")[:, FIRST_CLASS:]
 
 
 # --- models ------------------------------------------------------------------------------------------------------

@@ -8,12 +8,15 @@ A RUN_DIR is what `python -m train` leaves and `python -m predict` needs (docs/C
 - ``val_ids.csv``: the validation ids; ``history.csv``: one row per finished epoch (`HISTORY_COLUMNS`);
 - ``model.keras``: the best epoch's model, without optimizer;
 - ``metrics.json``, ``val_predictions.csv`` (id + one probability per class), ``curves.png``: the final record;
-- ``logs/`` (TensorBoard) and, while a run is unfinished, ``backup/`` (BackupAndRestore folders, progress.json).
+- ``logs/`` (TensorBoard) and, while a run is unfinished, ``backup/`` (BackupAndRestore folders, progress.json);
+- ``engines/``: exports of model.keras that `python -m predict ... --engine openvino|onnx` made and reuses, one
+  folder per engine and model.keras hash (`engine_cache_dir`); deleting it only costs a re-export.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,6 +43,7 @@ CURVES_FILE = "curves.png"
 LOGS_DIR = "logs"
 BACKUP_DIR = "backup"  # BackupAndRestore folders (one per stage) and PROGRESS_FILE; removed when the run ends
 PROGRESS_FILE = "progress.json"  # inside BACKUP_DIR: the best val mAP and epoch so far
+ENGINES_DIR = "engines"  # predict's cached exports of model.keras (--engine openvino|onnx), keyed on its sha256
 
 HISTORY_COLUMNS = ["epoch", "stage", "lr", "loss", "val_loss", "val_map", "seconds", "images_per_second"]
 FORMAT_VERSION = 1  # config.json files without "format_version" are version 1
@@ -200,6 +204,31 @@ def save_model(model: keras.Model, run_dir: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks (model.keras can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_sha256(run_dir: str | Path) -> str:
+    """sha256 of model.keras: the key of the engine cache (a retrained or replaced model is exported again)."""
+    return file_sha256(Path(run_dir) / MODEL_FILE)
+
+
+def config_sha256(run_dir: str | Path) -> str:
+    """sha256 of config.json's bytes: names the run an export came from (tagger.json's config_sha256)."""
+    return file_sha256(Path(run_dir) / CONFIG_FILE)
+
+
+def engine_cache_dir(run_dir: str | Path, engine: str, model_digest: str) -> Path:
+    """The folder inside ``engines/`` that holds the `engine` export of the model.keras whose sha256 is
+    `model_digest` (its first 16 hex digits name the folder; the full digest is checked inside by the caller)."""
+    return Path(run_dir) / ENGINES_DIR / f"{engine}-{model_digest[:16]}"
 
 
 # --- metrics.json ---------------------------------------------------------------------------------------------
