@@ -65,8 +65,8 @@ from predict.evaluate import evaluation_report, load_labelled
 from predict.inference import predict_ensemble
 from predict.runs import Run, load_runs
 from predict.tag_inputs import expand_inputs
-from predict.tagger import Tagger, check_options
-from predict.thresholds import DEFAULT_THRESHOLD, resolve_thresholds
+from predict.tagger import Tagger
+from predict.thresholds import resolve_thresholds
 from predict.tta import TTA_VIEWS, ZOOM_FRACTION, check_tta, shift_pixels
 from train import rundir
 
@@ -168,12 +168,10 @@ def bf16_unavailable() -> str | None:
 
 
 class OurTagger:
-    """One engine/precision of `predict tag`: a Tagger over the run loaded with that engine."""
+    """One engine/precision of `predict tag`: `Tagger.load(run_dir, engine=..., precision=...)`."""
 
     def __init__(self, run_dir: Path, engine: str, precision: str, batch_size: int):
-        runs = load_runs([run_dir], engine=engine, precision=precision)
-        options = check_options(tta=1, threshold=DEFAULT_THRESHOLD, top_k=None, batch_size=batch_size)
-        self.tagger = Tagger(runs, **options)
+        self.tagger = Tagger.load(run_dir, batch_size=batch_size, engine=engine, precision=precision)
         self.classes = self.tagger.classes
 
     def tag(self, paths: Sequence[str], tta: int) -> tuple[float, np.ndarray]:
