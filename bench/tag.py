@@ -472,7 +472,9 @@ def _load(run_dir: Path, setup: str) -> list[Run]:
     if setup == "keras-bf16-emulated":
         [run] = load_runs([run_dir])
         return [dataclasses.replace(run, model=bf16_emulation(run.model))]
-    return load_runs([run_dir], engine=OUR_SETUPS[setup][0], precision=OUR_SETUPS[setup][1])
+    engine, precision = OUR_SETUPS[setup]
+    runs = load_runs([run_dir], engine=engine, precision=check_precision(precision, engine))
+    return [run.prepare() for run in runs]  # export and compile now: a refusal names the setup
 
 
 def accuracy_of_run(source: Path, config: AccuracyConfig) -> dict:
