@@ -296,6 +296,7 @@ def measure_backbone(backbone: str, paths: list[str], work: Path, config: TagBen
                 for name in order:
                     s, p = tag(name, paths[: config.images_for(tta)], tta)
                     seconds[tta][name].append(s)
+                    print(f"  round {r + 1}/{config.rounds}, tta {tta}, {name}: {s:.1f}s", file=sys.stderr, flush=True)
                     probabilities[tta][name] = p
     finally:
         for s in {id(s): s for s in setups.values()}.values():
