@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,25 +326,28 @@ def measure_backbone(backbone: str, paths: list[str], work: Path, config: TagBen
     }
 
 
-def run_benchmark(config: TagBenchConfig) -> dict:
-    """Measure every backbone (see the module docstring); the figures, as printed by `report`."""
+def run_benchmark(config: TagBenchConfig, on_backbone: Callable[[dict], object] | None = None) -> dict:
+    """Measure every backbone (see the module docstring); the figures, as printed by `report`. `on_backbone` gets
+    the figures so far after each backbone (the command line writes them, so a long run killed late keeps them)."""
     work = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="bench_tag_"))
     try:
         t0 = time.perf_counter()
         paths = make_folder(work / "images", config)
         print(f"generated {len(paths)} JPEGs (~{config.width}x{config.height}) in {time.perf_counter() - t0:.1f}s",
               flush=True)
-        backbones = []
-        for backbone in config.backbones:
-            print(f"measuring {backbone} ...", flush=True)
-            backbones.append(measure_backbone(backbone, paths, work, config))
-        return {
+        figures = {
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()
                        if k != "workdir"},
             "cpu_count": os.cpu_count(),
             "versions": {"keras": keras.__version__},
-            "backbones": backbones,
+            "backbones": [],
         }
+        for backbone in config.backbones:
+            print(f"measuring {backbone} ...", flush=True)
+            figures["backbones"].append(measure_backbone(backbone, paths, work, config))
+            if on_backbone is not None:
+                on_backbone(figures)
+        return figures
     finally:
         if not config.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -579,10 +582,14 @@ def _speed_main(argv: list[str]) -> int:
         )
     except (ValueError, PredictError) as err:
         parser.error(str(err))
-    figures = run_benchmark(config)
+
+    def write(figures: dict) -> None:
+        if args.json:
+            atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")
+
+    figures = run_benchmark(config, on_backbone=write)
     print(report(figures))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")
+    write(figures)
     return 0
 
 

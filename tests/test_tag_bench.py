@@ -105,8 +105,10 @@ def test_report_is_the_figures_table_with_each_target_verdict():
 def test_main_prints_the_report_and_writes_the_same_figures(tmp_path, monkeypatch, capsys):
     configs = []
 
-    def fake(config):
+    def fake(config, on_backbone):
         configs.append(config)
+        on_backbone({"partial": True})  # written at once: a run killed later keeps the backbones measured
+        assert json.loads(out.read_text()) == {"partial": True}
         return figures()
 
     monkeypatch.setattr(bench_tag, "run_benchmark", fake)
