@@ -102,8 +102,8 @@ class TagBenchConfig:
 
     backbones: tuple[str, ...] = ("xception", "inception_v4")
     setups: tuple[str, ...] = DEFAULT_SETUPS
-    images: int = 64  # tagged at TTA 1
-    tta_images: int = 32  # the first ones of those, tagged at each TTA > 1
+    images: int = 48  # tagged at TTA 1
+    tta_images: int = 16  # the first ones of those, tagged at each TTA > 1 (16 x 8 = 128 model inputs)
     ttas: tuple[int, ...] = (1, 8)
     image_size: int = 299
     batch_size: int = 16
