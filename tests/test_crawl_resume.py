@@ -148,6 +148,14 @@ def test_a_second_crawl_on_the_same_directory_is_refused(tmp_path, http_server):
             crawl(config(list_path, out))
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT handled and unblocked, as a shell starts a command. A child inherits an
+    ignored or blocked SIGINT from the test process; in a whole-suite run something before this module left the
+    process so (a crawl started then never saw Ctrl-C), while alone the test passed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _start_crawl(list_path: Path, out_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "crawl", str(list_path), str(out_dir), "--workers", "4", "--timeout", "5",
@@ -156,6 +164,7 @@ def _start_crawl(list_path: Path, out_dir: Path, *extra: str) -> subprocess.Pope
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
