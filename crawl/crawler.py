@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -529,17 +529,22 @@ class _Crawl:
             for k in range(min(cfg.workers, max(1, len(items))))
         ]
         last_checkpoint = time.monotonic()
+        # Taken results wait in `pending` until recorded, so a Ctrl-C between the two loses none of them.
+        pending: deque = deque()
         try:
             self._checkpoint()
             for thread in threads:
                 thread.start()
             while len(self.results) < len(items):
-                for result in _take_all(results, timeout=0.2):
+                _take_all(results, timeout=0.2, into=pending)
+                while pending:
+                    result = pending[0]
                     if isinstance(result, _Crash):
                         raise RuntimeError(f"crawl worker failed on id {result.item.id!r}: {result.error!r}") from (
                             result.error
                         )
                     self._record(result)
+                    pending.popleft()
                 if progress is not None:
                     progress.update(len(self.results), self.n_stored, len(self.results) - self.n_stored, self.n_bytes)
                 if time.monotonic() - last_checkpoint >= cfg.checkpoint_every:
@@ -547,7 +552,7 @@ class _Crawl:
                     last_checkpoint = time.monotonic()
         except KeyboardInterrupt:
             self.fetcher.abort_all()
-            self._drain(results)
+            self._drain(pending, results)
             if progress is not None:
                 progress.close()
                 progress = None
@@ -556,7 +561,7 @@ class _Crawl:
             raise CrawlInterrupted(summary) from None
         except BaseException:
             self.fetcher.abort_all()
-            self._drain(results)
+            self._drain(pending, results)
             self._finish("failed")
             raise
         finally:
@@ -567,14 +572,18 @@ class _Crawl:
         self._print_summary(summary)
         return summary
 
-    def _drain(self, results: queue.Queue) -> None:
-        """Record results that finished while we were stopping."""
+    def _drain(self, pending: deque, results: queue.Queue) -> None:
+        """Record results taken but not yet recorded, and those that finished while we were stopping."""
         while True:
-            try:
-                result = results.get_nowait()
-            except queue.Empty:
-                return
-            if not isinstance(result, _Crash):
+            if pending:
+                result = pending.popleft()
+            else:
+                try:
+                    result = results.get_nowait()
+                except queue.Empty:
+                    return
+            # A Ctrl-C between recording a result and dropping it from `pending` leaves it there, recorded.
+            if not isinstance(result, _Crash) and self.results.get(result.item.id) is not result:
                 self._record(result)
 
     def _print_summary(self, summary: dict) -> None:
@@ -586,22 +595,19 @@ class _Crawl:
 _MAX_BATCH = 1000  # results per wake-up at most: checkpoints keep their pace when workers outrun the main thread
 
 
-def _take_all(results: queue.Queue, timeout: float) -> list:
-    """Wait up to `timeout` for one result, then take the others already there (up to _MAX_BATCH) without waiting.
+def _take_all(results: queue.Queue, timeout: float, into: deque) -> None:
+    """Wait up to `timeout` for one result, then take the others already there (up to _MAX_BATCH) without waiting;
+    each is appended to `into` as soon as it is taken.
 
     One wait per batch, not per result: each wait gives up the GIL, and getting it back behind dozens of busy
     workers can take a switch interval (5 ms), which capped the main thread at a few hundred results a second.
     """
     try:
-        batch = [results.get(timeout=timeout)]
-    except queue.Empty:
-        return []
-    try:
-        while len(batch) < _MAX_BATCH:
-            batch.append(results.get_nowait())
+        into.append(results.get(timeout=timeout))
+        for _ in range(_MAX_BATCH - 1):
+            into.append(results.get_nowait())
     except queue.Empty:
         pass
-    return batch
 
 
 def format_summary(summary: dict, out_dir: str | Path) -> str:

@@ -284,3 +284,35 @@ def test_resolve_refuses_escapes_and_nul(tmp_path, name):
     with pytest.raises(FetchFailed) as failure:
         local_module.LocalSource(tmp_path, 1000).read(name)
     assert failure.value.reason == "bad_path"
+
+
+@pytest.mark.parametrize("moment", ["before_recording", "after_recording"])
+def test_a_ctrl_c_while_results_are_being_recorded_loses_and_doubles_none(tmp_path, monkeypatch, moment):
+    """A Ctrl-C that lands while the main thread records a batch of results: the one being recorded and the rest of
+    the batch are recorded on the way out (before the fix they were dropped), none twice."""
+    from crawl.crawler import CrawlInterrupted, _Crawl
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for k in range(12):
+        (root / f"p{k}.jpg").write_bytes(samples.jpeg(seed=40 + k))
+    list_path = write_list(tmp_path / "list.csv", [(f"p{k}", f"p{k}.jpg") for k in range(12)])
+    original = _Crawl._record
+    entered: list[str] = []
+
+    def record_then_interrupt(self, result):
+        entered.append(result.item.id)
+        if len(entered) == 3 and moment == "before_recording":
+            raise KeyboardInterrupt
+        original(self, result)
+        if len(entered) == 3 and moment == "after_recording":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Crawl, "_record", record_then_interrupt)
+    out = tmp_path / "out"
+    with pytest.raises(CrawlInterrupted) as interrupted:
+        crawl(config(list_path, out, root=root, workers=1))
+    stored = mf.read_stored_rows(out)
+    assert set(entered) <= set(stored) and entered[2] in stored
+    summary = interrupted.value.summary
+    assert summary["status"] == "interrupted" and summary["stored"] == len(stored)

@@ -556,8 +556,10 @@ def _mixed_list(tmp_path: Path, server: ScriptedServer) -> tuple[Path, list[str]
 
 
 def test_lines_and_summary_when_not_a_terminal(tmp_path, http_server, capsys):
-    """progress auto, stderr not a terminal: one line per update (every 0 s here), then the summary line, whose
-    figures are crawl.json's and whose failure breakdown is by count, then name."""
+    """progress auto, stderr not a terminal: a line per update (every 0 s here), then the summary line, whose
+    figures are crawl.json's and whose failure breakdown is by count, then name. Results that finish together are
+    counted in one update, so a line may cover more than one id: the counts only grow, every line's stored/failed
+    split is that of the list's first `done` ids (one worker takes them in order), and the last line is 7/7."""
     list_path, outcomes = _mixed_list(tmp_path, http_server)
     out = tmp_path / "out"
     crawl(
@@ -567,8 +569,9 @@ def test_lines_and_summary_when_not_a_terminal(tmp_path, http_server, capsys):
     )
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 7
-    for k, line in enumerate(lines, start=1):
+    done_per_line = [int(re.match(r"crawl: (\d+)/7 ", line).group(1)) for line in lines]
+    assert done_per_line == sorted(done_per_line) and done_per_line[-1] == 7, lines
+    for k, line in zip(done_per_line, lines, strict=True):
         stored = outcomes[:k].count("stored")
         expected = rf"crawl: {k}/7 \({100 * k / 7:.0f}%\) stored {stored} failed {k - stored}, [\d.]+ img/s, "
         assert re.fullmatch(expected + r"[\d.]+ MB, ETA (\d+s|\?)", line), line
