@@ -316,3 +316,35 @@ def test_a_ctrl_c_while_results_are_being_recorded_loses_and_doubles_none(tmp_pa
     assert set(entered) <= set(stored) and entered[2] in stored
     summary = interrupted.value.summary
     assert summary["status"] == "interrupted" and summary["stored"] == len(stored)
+
+
+def test_a_list_of_local_files_only_gets_two_threads_per_cpu(monkeypatch):
+    """Local reads never wait on a network: more threads than 2 per CPU only compete for the interpreter lock.
+    A list with any http(s) row, or a crawl without --root, keeps --workers."""
+    from crawl.crawler import thread_count
+    from crawl.listfile import ListItem
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    local = [ListItem(id=f"p{k}", url=f"p{k}.jpg", labels=(), line=k + 1) for k in range(100)]
+    mixed = [*local, ListItem(id="w", url="https://example.com/w.jpg", labels=(), line=101)]
+    assert thread_count(128, local, local=True) == 6
+    assert thread_count(4, local, local=True) == 4
+    assert thread_count(128, mixed, local=True) == 101
+    assert thread_count(128, local, local=False) == 100
+    assert thread_count(128, [], local=True) == 1
+
+
+def test_workers_that_outrun_the_main_thread_wait_for_it(tmp_path, monkeypatch):
+    """With room for only 2 waiting results, 4 workers over 30 local files finish the crawl, every file stored."""
+    from crawl import crawler
+
+    monkeypatch.setattr(crawler, "_RESULTS_WAITING", 2)
+    root = tmp_path / "photos"
+    root.mkdir()
+    for k in range(30):
+        (root / f"p{k}.jpg").write_bytes(samples.jpeg(seed=60 + k))
+    out = tmp_path / "out"
+    list_path = write_list(tmp_path / "list.csv", [(f"p{k}", f"p{k}.jpg") for k in range(30)])
+    summary = crawl(config(list_path, out, root=root, workers=4))
+    manifest, failed = tables(out)
+    assert summary["stored"] == 30 and failed.empty and list(manifest.index) == [f"p{k}" for k in range(30)]
