@@ -244,9 +244,11 @@ def load_runs(
     beam: int = 1,
 ) -> list[Run]:
     """Load several RUN_DIRs for an ensemble (each as `load_run` with these options); refuses runs whose heads or
-    classes (names or order) differ."""
+    classes (names or order) differ. `engine` and `precision` are checked here, before any run is read (a bf16
+    request on a CPU without bfloat16 fails now, not at the first batch)."""
     if not paths:
         raise PredictError("no RUN_DIR given")
+    engines.check_precision(precision, engines.check_engine(engine))
     runs = [load_run(p, engine=engine, precision=precision) for p in paths]
     check_same_head(runs)
     check_same_classes(runs)

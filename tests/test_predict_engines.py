@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from predict import engines
 from predict.__main__ import main
-from predict.evaluate import EvaluateConfig, bf16_cost, evaluate
+from predict.errors import PredictError
 from predict.export import ExportConfig, export
 from predict.inference import predict_ensemble
 from predict.runs import load_run, load_runs
@@ -204,17 +204,13 @@ def test_compare_with_the_openvino_engine(world, tmp_path):
                 assert got == expected
 
 
-def test_bf16_cost_helper(world, monkeypatch):
-    """The benchmark's helper, run where bf16 is faked: the capability probe says BF16 and the compiled precision is
-    not checked back, so OpenVINO really runs f32 twice here and the cost is exactly zero."""
-    monkeypatch.setattr(engines, "openvino_capabilities", lambda: ["FP32", "BF16"])
-    monkeypatch.setattr(engines, "check_compiled_precision", lambda compiled, precision: precision)
-    cost = bf16_cost([world["c1"]], world["labelled"], tta=2, threshold="tuned")
-    keras_report = evaluate(EvaluateConfig(runs=(world["c1"],), data=world["labelled"], tta=2, threshold="tuned",
-                                           progress=False))
-    assert cost["f32"]["map"] == pytest.approx(keras_report["map"], abs=1e-9)
-    assert cost["f32"]["f2"] == pytest.approx(keras_report["f2"], abs=1e-9)
-    assert cost["bf16"] == cost["f32"]
-    changes = ("map_change", "f2_change", "max_probability_change", "flags_changed")
-    assert [cost[k] for k in changes] == [0, 0, 0, 0]
-    assert (cost["images"], cost["tta"], cost["threshold"]) == (12, 2, "tuned")
+def test_load_runs_refuses_bf16_before_reading_a_run(monkeypatch, tmp_path):
+    """The Python API checks --engine/--precision up front: bf16 on a CPU without bfloat16 is refused by name before
+    any RUN_DIR is read (here a missing one, which would otherwise be the error)."""
+    monkeypatch.setattr(engines, "openvino_capabilities", lambda: ["FP32", "INT8"])
+    with pytest.raises(PredictError, match="this CPU has no bfloat16 support .*FP32, INT8"):
+        load_runs([tmp_path / "missing"], engine="openvino", precision="bf16")
+    with pytest.raises(PredictError, match="--precision bf16 needs --engine openvino"):
+        load_runs([tmp_path / "missing"], engine="onnx", precision="bf16")
+    with pytest.raises(PredictError, match="--engine must be one of"):
+        load_runs([tmp_path / "missing"], engine="tensorrt")

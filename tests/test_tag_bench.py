@@ -248,8 +248,14 @@ def test_timm_child_views_are_predicts_views_pixel_for_pixel(tmp_path):
 
 
 @pytest.mark.slow
-def test_accuracy_scores_a_copy_of_each_finished_run(tmp_path):
+def test_accuracy_scores_a_copy_of_each_finished_run(tmp_path, monkeypatch):
+    """Every setup, openvino-bf16 included where bf16 is faked (the capability probe says BF16 and the compiled
+    precision is not checked back, so OpenVINO really runs f32 there and its figures are exactly f32's)."""
+    from predict import engines
     from tests.predict_fixtures import conv_model, make_data_dir, make_run_dir, textured
+
+    monkeypatch.setattr(engines, "openvino_capabilities", lambda: ["FP32", "BF16"])
+    monkeypatch.setattr(engines, "check_compiled_precision", lambda compiled, precision: precision)
 
     classes = ["a", "b", "c"]
     rng = np.random.default_rng(0)
@@ -262,7 +268,7 @@ def test_accuracy_scores_a_copy_of_each_finished_run(tmp_path):
     (unfinished / rundir.METRICS_FILE).unlink()
     before = sorted(p.name for p in run.iterdir())
     config = AccuracyConfig(runs=(run, unfinished), data=data, work=tmp_path / "work",
-                            setups=("keras", "openvino-f32", "keras-bf16-emulated"))
+                            setups=("keras", "openvino-f32", "openvino-bf16", "keras-bf16-emulated"))
     fig = bench_tag.run_accuracy(config)
     assert sorted(p.name for p in run.iterdir()) == before  # the run given is only read: the export went to the copy
     done, skipped = fig["runs"]
@@ -275,6 +281,7 @@ def test_accuracy_scores_a_copy_of_each_finished_run(tmp_path):
         assert rows["keras"]["map"] == pytest.approx(report_["map"], abs=1e-12)
         assert rows["keras"][key] == pytest.approx(report_["f2"], abs=1e-12)
     assert rows["keras"]["max_abs_diff"] < 1e-4 and rows["openvino-f32"]["max_abs_diff"] == 0.0
+    assert rows["openvino-bf16"] == rows["openvino-f32"] and not done["skipped_setups"]
     assert 0 < rows["keras-bf16-emulated"]["max_abs_diff"] < 0.05  # bfloat16 keeps 8 bits of mantissa
     assert rows["keras-bf16-emulated"]["map_minus_reference"] == rows["keras-bf16-emulated"]["map"] - rows[
         "openvino-f32"]["map"]
