@@ -428,6 +428,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
     return proc.returncode, out, err
 
 
+@pytest.mark.slow  # about a minute: make test-slow (CI runs it)
 def test_two_replicas_on_a_split_cpu(data, tmp_path):
     out = tmp_path / "run"
     code, stdout, stderr = _finish(_cli([str(data.root), "--out", str(out), "--backbone", "xception",
@@ -469,6 +470,7 @@ def _kill_when(proc: subprocess.Popen, ready: Path, timeout: float = 300) -> Non
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # about a minute: make test-slow (CI runs it)
 def test_resume_after_kill_ends_like_an_uninterrupted_run(data, two_stage, tmp_path):
     _, _, _, reference = two_stage
     out = tmp_path / "run"
