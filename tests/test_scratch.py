@@ -22,7 +22,7 @@ from train import backbones as registry
 from train.__main__ import main as cli_main
 from train.config import ConfigError
 from train.fit import train
-from train.model import build_model, train_every_layer
+from train.model import build_model, scratch_momentum, train_every_layer
 from train.schedules import warmup_cosine
 
 pytestmark = pytest.mark.filterwarnings("ignore:Your input ran out of data")
@@ -95,6 +95,26 @@ def test_scratch_trains_every_weight_and_batchnorm_statistics(scratch_run):
                                                                                     np.ones(8))
 
 
+@pytest.mark.parametrize(("default", "steps", "expected"),
+                         [(0.99, 1000, 0.99), (0.99, 16, 0.01 ** (1 / 16)), (0.9, 4, 0.01 ** 0.25), (0.5, 100, 0.5),
+                          (0.99, 0, 0.01)])
+def test_scratch_momentum_lets_the_statistics_forget_their_start_within_an_epoch(default, steps, expected):
+    momentum = scratch_momentum(default, steps)
+    assert momentum == pytest.approx(expected)
+    assert momentum ** max(1, steps) <= 0.01 + 1e-12 or momentum == default
+
+
+def test_the_scratch_run_saved_its_batchnorm_at_the_lowered_momentum(scratch_run):
+    """4 steps an epoch: Keras's 0.99 would leave 96% of the starting statistics after an epoch; the run trained
+    and saved its BatchNormalization at 0.01 ** (1/4): the saved moving variance is the data's (about 0.1-0.3
+    here), where 0.99 over at most 20 steps would have kept it above 0.8 (0.99 ** 20 of the starting 1)."""
+    out, _ = scratch_run
+    model = keras.models.load_model(out / "model.keras", safe_mode=True)
+    bn = next(layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization))
+    assert bn.momentum == pytest.approx(0.01 ** 0.25)
+    assert np.all(np.asarray(bn.moving_variance) < 0.6)
+
+
 def test_scratch_is_one_stage_with_warmup_then_cosine_per_epoch(scratch_run):
     out, _ = scratch_run
     history = pd.read_csv(out / "history.csv")
@@ -131,8 +151,9 @@ def test_train_every_layer_opens_batchnorm_too():
     model, backbone = build_model(registry.Backbone("tiny_bn_cnn", _tiny_bn_cnn, min_input_size=8), 3,
                                   image_size=16, weights="none", dropout=0.0, l2=0.0, backbone_training=None)
     backbone.trainable = False
-    train_every_layer(backbone)
+    train_every_layer(backbone, steps_per_epoch=1000)
     assert all(layer.trainable for layer in backbone.layers)
+    assert backbone.get_layer("bn").momentum == 0.99  # Keras's own: enough steps for its moving statistics
     assert len(backbone.trainable_weights) == 2 + 2 + 2  # conv1, bn (gamma, beta), conv2
     x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype("float32")
     # Inference mode (prediction) uses the moving statistics, training mode the batch's: different outputs.

@@ -244,8 +244,8 @@ def _fit_scratch(run: TrainingRun, model: keras.Model, backbone: keras.Model,
     """The scratch recipe's one stage: every layer trains (BatchNormalization in training mode, so no statistics
     are estimated first), Adam following the warm-up and cosine schedule from epoch 1 to --epochs."""
     cfg = run.cfg
-    train_every_layer(backbone)
     schedule = warmup_cosine(cfg.lr, cfg.epochs, cfg.warmup_epochs, len(run.split.train_paths), cfg.batch_size)
+    train_every_layer(backbone, schedule.steps_per_epoch)
     _fit_stage(run, model, stage=1, lr=schedule.keras_schedule(), first=0, last=cfg.epochs, extra=extra,
                ahead=[EpochAlignedSteps(schedule.steps_per_epoch), ReconcileReplicaStatistics()])
 
