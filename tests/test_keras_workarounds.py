@@ -15,6 +15,7 @@ from train.keras_workarounds import (
     SEED_STATE_SUFFIX,
     clear_restored_epoch,
     correct_epoch_loss,
+    grouped_to_depthwise,
     reseed_random_layers,
 )
 
@@ -326,3 +327,37 @@ def test_replicas_keep_their_own_batchnorm_statistics_until_reconciled():
         "train.keras_workarounds.reconcile_replica_statistics may be removable"
     ) if lines else result.stdout + result.stderr
     assert lines[1:] == ["reconciled 2", "equal True global True"]
+
+
+def test_keras_runs_a_grouped_convolution_through_xla_on_tensorflow():
+    """Why `grouped_to_depthwise` exists: Keras's TensorFlow backend compiles a convolution whose kernel has fewer
+    input channels than the input (groups > 1) with XLA, which on a CPU made ConvNeXt's depthwise 7x7 layers about
+    20x slower than DepthwiseConv2D (keras-team/keras#20471). When this fails, Keras changed: measure again whether
+    the rewrite is still needed."""
+    import inspect
+
+    from keras.src.backend.tensorflow import nn
+
+    source = inspect.getsource(nn.conv)
+    assert "@tf.function(jit_compile=True)" in source and "channels != kernel.shape[-2]" in source
+
+
+def test_grouped_to_depthwise_replaces_depthwise_conv2ds_only_and_computes_the_same(tmp_path):
+    inputs = keras.Input((9, 9, 6))
+    x = keras.layers.Conv2D(6, 3, padding="same", groups=6, name="depthwise_as_groups")(inputs)
+    x = keras.layers.Conv2D(4, 1, name="pointwise")(x)
+    x = keras.layers.Conv2D(4, 3, strides=2, groups=2, use_bias=False, name="two_groups")(x)
+    model = keras.Model(inputs, x)
+    keras.utils.set_random_seed(0)
+    for layer in model.layers[1:]:
+        layer.set_weights([np.random.default_rng(1).normal(size=w.shape).astype("float32") for w in layer.weights])
+    rewritten = grouped_to_depthwise(model)
+    kinds = [(layer.name, type(layer).__name__) for layer in rewritten.layers[1:]]
+    assert kinds == [("depthwise_as_groups", "DepthwiseConv2D"), ("pointwise", "Conv2D"), ("two_groups", "Conv2D")]
+    x = np.random.default_rng(2).normal(size=(2, 9, 9, 6)).astype("float32")
+    np.testing.assert_allclose(rewritten(x), model(x), rtol=1e-5, atol=1e-5)
+    path = tmp_path / "m.keras"
+    rewritten.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path, safe_mode=True)(x), model(x), rtol=1e-5, atol=1e-5)
+    plain = keras.Sequential([keras.Input((5, 5, 2)), keras.layers.Conv2D(3, 3)])
+    assert grouped_to_depthwise(plain) is plain

@@ -94,6 +94,8 @@ def _reference_without_preprocessing(name: str, model: keras.Model) -> keras.Mod
     constructor = MODERN[name][0]
     bare = constructor(include_top=False, weights=None, input_shape=model.input_shape[1:],
                        include_preprocessing=False)
+    rewrite = get_backbone(name).rewrite  # ConvNeXt: its depthwise Conv2Ds as DepthwiseConv2D, as the registry builds
+    bare = rewrite(bare) if rewrite is not None else bare
     preprocessing = (keras.layers.Rescaling, keras.layers.Normalization)
     source = [layer for layer in model.layers if layer.weights and not isinstance(layer, preprocessing)]
     target = [layer for layer in bare.layers if layer.weights]
@@ -123,6 +125,10 @@ def test_builds_at_its_minimum_applies_its_preprocessing_once_and_opens_the_top_
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
     twice = np.asarray(bare(REFERENCE_PREPROCESSING[name](by_hand), training=False))
     assert not np.allclose(twice, reference, rtol=1e-2, atol=1e-2 * np.abs(reference).max())  # the test can fail
+    grouped = [layer.name for layer in _walk(model) if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1]
+    assert grouped == []  # none left for Keras to run through XLA on a CPU (train.keras_workarounds)
+    depthwise = [layer for layer in _walk(model) if isinstance(layer, keras.layers.DepthwiseConv2D)]
+    assert len(depthwise) == {"convnext_tiny": 18, "convnext_small": 36}.get(name, len(depthwise))
     kinds = [type(layer).__name__ for layer in _walk(model) if isinstance(layer, (keras.layers.Rescaling,
                                                                                   keras.layers.Normalization))]
     assert kinds == {"efficientnetv2_s": ["Rescaling"], "efficientnetv2_b0": ["Rescaling", "Normalization"]}.get(

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import keras
 
+from train.keras_workarounds import grouped_to_depthwise
+
 
 class WeightsError(RuntimeError):
     """ImageNet or file weights could not be had for a backbone; the message says how to get them."""
@@ -37,6 +39,8 @@ class Backbone:
     weights_file: str | None = None  # ImageNet no-top weights, as named in the Keras cache
     weights_url: str | None = None  # where keras.applications downloads them from (None: no public Keras file)
     weights_howto: str | None = None  # without weights_url: how to make weights_file; {path} is its cache path
+    # Applied to the built model, its weights loaded: a rewrite into layers that compute the same, faster.
+    rewrite: Callable[[keras.Model], keras.Model] | None = field(default=None, repr=False)
 
     def to_config(self) -> dict:
         """The facts a RUN_DIR records so prediction needs nothing else."""
@@ -65,7 +69,7 @@ class Backbone:
             # Loading after construction (keras.applications given a path makes the same load_weights call)
             # gives every weights source, cached ImageNet files included, one clean error.
             load_weights_file(model, path, self.name)
-        return model
+        return self.rewrite(model) if self.rewrite is not None else model
 
     def imagenet_weights_path(self) -> str:
         """Local path of the ImageNet no-top weights: from the Keras cache, else downloaded; fails clearly offline."""
@@ -194,6 +198,7 @@ BACKBONES: dict[str, Backbone] = {
             min_input_size=32,
             weights_file="convnext_tiny_notop.h5",
             weights_url=_KERAS_WEIGHTS + "convnext/convnext_tiny_notop.h5",
+            rewrite=grouped_to_depthwise,
         ),
         Backbone(
             "convnext_small",
@@ -203,6 +208,7 @@ BACKBONES: dict[str, Backbone] = {
             min_input_size=32,
             weights_file="convnext_small_notop.h5",
             weights_url=_KERAS_WEIGHTS + "convnext/convnext_small_notop.h5",
+            rewrite=grouped_to_depthwise,
         ),
     ]
 }
