@@ -537,7 +537,7 @@ class _Crawl:
             for thread in threads:
                 thread.start()
             while len(self.results) < len(items):
-                _take_all(results, timeout=0.02, into=pending)
+                _take_all(results, interval=0.02, into=pending)
                 while pending:
                     result = pending[0]
                     if isinstance(result, _Crash):
@@ -623,14 +623,15 @@ def thread_count(workers: int, items: list[ListItem], local: bool) -> int:
     return count
 
 
-def _take_all(results: queue.Queue, timeout: float, into: deque) -> None:
-    """Wait up to `timeout` for one result, then take the others already there (up to _MAX_BATCH) without waiting;
-    each is appended to `into` as soon as it is taken.
+def _take_all(results: queue.Queue, interval: float, into: deque) -> None:
+    """Sleep `interval`, then take the results already there (up to _MAX_BATCH) without waiting; each is appended
+    to `into` as soon as it is taken.
 
-    One wait per batch, not per result: each wait gives up the GIL, and getting it back behind dozens of busy
-    workers can take a switch interval (5 ms), which capped the main thread at a few hundred results a second.
+    A sleep per batch, not a wait per result: a waiting main thread is woken by every result a worker puts, and
+    each wake-up is one more hand-off of the interpreter lock among dozens of busy workers (futex calls, and up to
+    a switch interval of 5 ms to get the lock back), which capped the main thread at a few hundred results a second.
     """
-    time.sleep(timeout)
+    time.sleep(interval)
     try:
         for _ in range(_MAX_BATCH):
             into.append(results.get_nowait())

@@ -10,10 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from crawl import crawler
 from crawl import local as local_module
 from crawl import manifest as mf
 from crawl.__main__ import main as crawl_main
-from crawl.crawler import CrawlConfig, crawl
+from crawl.crawler import CrawlConfig, CrawlInterrupted, _Crawl, crawl, thread_count
+from crawl.listfile import ListItem
 from tests import crawl_samples as samples
 from tests.http_server import static
 
@@ -290,8 +292,6 @@ def test_resolve_refuses_escapes_and_nul(tmp_path, name):
 def test_a_ctrl_c_while_results_are_being_recorded_loses_and_doubles_none(tmp_path, monkeypatch, moment):
     """A Ctrl-C that lands while the main thread records a batch of results: the one being recorded and the rest of
     the batch are recorded on the way out (before the fix they were dropped), none twice."""
-    from crawl.crawler import CrawlInterrupted, _Crawl
-
     root = tmp_path / "photos"
     root.mkdir()
     for k in range(12):
@@ -321,9 +321,6 @@ def test_a_ctrl_c_while_results_are_being_recorded_loses_and_doubles_none(tmp_pa
 def test_a_list_of_local_files_only_gets_two_threads_per_cpu(monkeypatch):
     """Local reads never wait on a network: more threads than 2 per CPU only compete for the interpreter lock.
     A list with any http(s) row, or a crawl without --root, keeps --workers."""
-    from crawl.crawler import thread_count
-    from crawl.listfile import ListItem
-
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
     local = [ListItem(id=f"p{k}", url=f"p{k}.jpg", labels=(), line=k + 1) for k in range(100)]
     mixed = [*local, ListItem(id="w", url="https://example.com/w.jpg", labels=(), line=101)]
@@ -336,8 +333,6 @@ def test_a_list_of_local_files_only_gets_two_threads_per_cpu(monkeypatch):
 
 def test_workers_that_outrun_the_main_thread_wait_for_it(tmp_path, monkeypatch):
     """With room for only 2 waiting results, 4 workers over 30 local files finish the crawl, every file stored."""
-    from crawl import crawler
-
     monkeypatch.setattr(crawler, "_RESULTS_WAITING", 2)
     root = tmp_path / "photos"
     root.mkdir()
