@@ -13,12 +13,13 @@ decode + 8 x (model per view), not more: the report gives that prediction next t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,10 +131,20 @@ class PredictBenchResult:
     predictions: dict[int, Prediction] = field(repr=False)  # view count -> the last timed end-to-end prediction
 
 
+@contextlib.contextmanager
+def work_folder(workdir: str | Path | None, prefix: str) -> Iterator[Path]:
+    """`workdir` when given (kept afterwards, for a look at what the bench made), else a temporary folder that is
+    removed at the end."""
+    if workdir:
+        yield Path(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)
+
+
 def run_benchmark(config: PredictBenchConfig) -> PredictBenchResult:
     """Measure the figures (seconds, images/s, ratios) and keep the predictions the timed passes made."""
-    work = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="bench_predict_"))
-    try:
+    with work_folder(config.workdir, "bench_predict_") as work:
         t0 = time.perf_counter()
         paths = make_data(work / "data", config)
         print(f"generated {len(paths)} JPEGs (~{config.width}x{config.height}) in {time.perf_counter() - t0:.1f}s",
@@ -187,9 +198,6 @@ def run_benchmark(config: PredictBenchConfig) -> PredictBenchResult:
             "measured_over_expected": e2e_n / expected_n,
         }
         return PredictBenchResult(figures, predictions)
-    finally:
-        if not config.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def report(f: dict) -> str:

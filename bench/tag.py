@@ -46,7 +46,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from bench.predict import PredictBenchConfig, make_run
+from bench.predict import PredictBenchConfig, make_run, work_folder
 from common.atomic import atomic_write_text
 from common.synthetic import photo, photo_sizes, write_jpeg
 from crawl.manifest import JD_FASHION_CLASSES
@@ -329,8 +328,7 @@ def measure_backbone(backbone: str, paths: list[str], work: Path, config: TagBen
 def run_benchmark(config: TagBenchConfig, on_backbone: Callable[[dict], object] | None = None) -> dict:
     """Measure every backbone (see the module docstring); the figures, as printed by `report`. `on_backbone` gets
     the figures so far after each backbone (the command line writes them, so a long run killed late keeps them)."""
-    work = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="bench_tag_"))
-    try:
+    with work_folder(config.workdir, "bench_tag_") as work:
         t0 = time.perf_counter()
         paths = make_folder(work / "images", config)
         print(f"generated {len(paths)} JPEGs (~{config.width}x{config.height}) in {time.perf_counter() - t0:.1f}s",
@@ -348,9 +346,6 @@ def run_benchmark(config: TagBenchConfig, on_backbone: Callable[[dict], object] 
             if on_backbone is not None:
                 on_backbone(figures)
         return figures
-    finally:
-        if not config.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _verdict(met: bool) -> str:

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import bench.predict as bench_predict
-from bench.predict import PredictBenchConfig, PredictBenchResult, report, run_benchmark
+from bench.predict import PredictBenchConfig, PredictBenchResult, report, run_benchmark, work_folder
 from crawl.manifest import read_data_dir
 from predict.inference import predict_run
 from predict.runs import load_run
@@ -90,3 +90,14 @@ def test_bench_predict_times_the_real_prediction(tmp_path):
     assert f["predict_seconds_tta2"] == result.predictions[2].seconds
     assert f["expected_seconds"] == f["pipeline_seconds_tta1"] + 2 * f["model_seconds_per_image_1_view"] * 6
     assert f["measured_over_expected"] == f["predict_seconds_tta2"] / f["expected_seconds"]
+
+
+def test_work_folder_is_kept_when_named_and_temporary_otherwise(tmp_path):
+    with work_folder(None, "bench_test_") as temporary:
+        (temporary / "made").write_text("x")
+        assert temporary.name.startswith("bench_test_") and temporary.is_dir()
+    assert not temporary.exists()
+    with work_folder(tmp_path / "kept", "bench_test_") as kept:
+        kept.mkdir()
+        (kept / "made").write_text("x")
+    assert kept == tmp_path / "kept" and (kept / "made").read_text() == "x"
